@@ -1,0 +1,1 @@
+"""Where a run executes: local process pool, emulated AWS (moto), real AWS."""

@@ -1,0 +1,3 @@
+"""CLI subcommands; each module defines ``register(subparsers)``."""
+
+MODULES = ("model_tools", "demo_model", "pipeline", "deploy")

@@ -1,0 +1,96 @@
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+from cai.errors import InputError, PartitionError
+from cai.partitions import GALAXY_BYTES, Galaxies, decode, encode, galaxies_per_partition, read_source, \
+    write_partitions
+from cai.store import LocalStore, natural_key
+
+
+def galaxies(n, seed=0, start_id=100):
+    rng = np.random.default_rng(seed)
+    return Galaxies(rng.normal(0, 1, (n, 5, 32, 32)).astype(np.float32),
+                    rng.uniform(14, 22, (n, 5)), rng.uniform(0, 0.3, n).astype(np.float32),
+                    np.arange(start_id, start_id + n, dtype=np.int64))
+
+
+def test_partition_roundtrip_keeps_every_array():
+    g = galaxies(7)
+    back = decode(encode(g))
+    for field in ("images", "magnitudes", "redshifts", "object_id"):
+        np.testing.assert_array_equal(getattr(back, field), getattr(g, field))
+    assert back.magnitudes.dtype == np.float64 and back.object_id.dtype == np.int64
+
+
+def test_size_in_mb_sets_galaxies_per_partition():
+    assert galaxies_per_partition(25) == 25 * 2**20 // GALAXY_BYTES == 1276  # the paper's 25 MB holds 1,278
+    with pytest.raises(InputError, match="not positive"):
+        galaxies_per_partition(0)
+
+
+@pytest.mark.parametrize("cut", [4, 100, 5000])
+def test_truncated_partition_is_named(cut):
+    data = encode(galaxies(3))
+    with pytest.raises(PartitionError, match="truncated|corrupt|too short"):
+        decode(data[:cut], "p.safetensors")
+
+
+def test_wrong_shapes_are_named():
+    from safetensors.numpy import save
+
+    bad = save({"images": np.zeros((2, 5, 16, 16), np.float32), "magnitudes": np.zeros((2, 5)),
+                "redshifts": np.zeros(2, np.float32), "object_id": np.arange(2)},
+               metadata={"format": "cai-partition"})
+    with pytest.raises(PartitionError, match=r"images has shape \[2, 5, 16, 16\], expected \[2, 5, 32, 32\]"):
+        decode(bad, "p")
+
+
+def test_sources_stream_into_partitions_with_ids_and_manifest(tmp_path):
+    g = galaxies(50)
+    np.savez(tmp_path / "a.npz", images=g.images, magnitudes=g.magnitudes, redshifts=g.redshifts)
+    with h5py.File(tmp_path / "b.h5", "w") as h5:
+        for field in ("images", "magnitudes", "object_id"):
+            h5[field] = getattr(g, field)[:20]
+    folder = tmp_path / "npy"
+    folder.mkdir()
+    np.save(folder / "images.npy", g.images[:5])
+    np.save(folder / "mags.npy", g.magnitudes[:5])
+
+    store = LocalStore(tmp_path / "parts")
+    manifest = write_partitions([str(tmp_path / "a.npz"), str(tmp_path / "b.h5"), str(folder)], store, "",
+                                size_mb=0, galaxies_per_part=16)
+    assert manifest["galaxies"] == 75
+    assert [p["galaxies"] for p in manifest["partitions"]] == [16, 16, 16, 16, 11]
+    assert json.loads((tmp_path / "parts" / "manifest.json").read_text()) == manifest
+    ids = np.concatenate([decode(store.get(p["key"])).object_id for p in manifest["partitions"]])
+    # npz without ids: numbered from 1; h5 keeps its own; the npy folder continues after the 70 before it
+    assert ids.tolist() == list(range(1, 51)) + list(range(100, 120)) + list(range(71, 76))
+    labelled = [p["labelled"] for p in manifest["partitions"]]
+    assert sum(labelled) == 50  # the h5 and npy galaxies have no redshift
+
+
+def test_source_errors_name_the_problem(tmp_path):
+    np.savez(tmp_path / "x.npz", pictures=np.zeros((2, 5, 32, 32)))
+    with pytest.raises(InputError, match="no images array"):
+        list(read_source(str(tmp_path / "x.npz")))
+    np.savez(tmp_path / "y.npz", images=np.zeros((2, 3, 32, 32)), magnitudes=np.zeros((2, 5)))
+    with pytest.raises(InputError, match="expected \\[N, 5, 32, 32\\]"):
+        list(read_source(str(tmp_path / "y.npz")))
+    with pytest.raises(InputError, match="no such source"):
+        list(read_source(str(tmp_path / "missing.npz")))
+
+
+def test_64_pixel_cutouts_are_centre_cropped(tmp_path):
+    images = np.zeros((1, 5, 64, 64), np.float32)
+    images[0, :, 16:48, 16:48] = 1.0
+    np.savez(tmp_path / "big.npz", images=images, magnitudes=np.ones((1, 5)))
+    (block,) = read_source(str(tmp_path / "big.npz"))
+    assert block.images.shape == (1, 5, 32, 32) and block.images.min() == 1.0
+
+
+def test_natural_order():
+    keys = ["p/10.pt", "p/2.pt", "p/1.pt", "p/100.pt"]
+    assert sorted(keys, key=natural_key) == ["p/1.pt", "p/2.pt", "p/10.pt", "p/100.pt"]
