@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(message)s", stream=sys.stderr)
+    if not args.verbose:
+        logging.getLogger("cai.events").setLevel(logging.WARNING)  # per-partition JSON is for CloudWatch
     if not hasattr(args, "func"):
         parser.print_help()
         return 2

@@ -34,6 +34,8 @@ from cai.partitions import GALAXY_BITS, MANIFEST, SUFFIX, decode, sha256
 from cai.store import natural_key, open_store
 
 log = logging.getLogger("cai")
+# one JSON line per event, for CloudWatch; the CLI shows them only with --verbose
+events = logging.getLogger("cai.events")
 
 RUNTIMES = ("onnxruntime", "torch")
 DEFAULTS = {
@@ -58,7 +60,7 @@ def now_iso() -> str:
 
 
 def _log(level, event, **fields):
-    log.log(level, json.dumps({"event": event, **fields}, default=str))
+    events.log(level, json.dumps({"event": event, **fields}, default=str))
 
 
 def peak_memory_mb() -> float:

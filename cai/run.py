@@ -47,9 +47,9 @@ def prepare_model(model: str | None, runtime: str) -> Path:
     if not path.is_file():
         raise InputError(f"no model file {path}", "pass --model WEIGHTS.safetensors or MODEL.onnx")
     if runtime == "onnxruntime" and path.suffix == ".safetensors":
-        from cai.model.engine import onnx_for_weights
+        from cai.model.engine import cached_onnx
 
-        return Path(onnx_for_weights(str(path)))
+        return Path(cached_onnx(path))
     return path.resolve()
 
 
