@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -139,7 +140,8 @@ class S3Store:
         target = cache / self.bucket / key
         if not target.is_file():
             target.parent.mkdir(parents=True, exist_ok=True)
-            partial = target.with_name(target.name + ".part")
+            # unique per process and thread: executors sharing one /tmp must not share a partial file
+            partial = target.with_name(f"{target.name}.{os.getpid()}-{threading.get_ident()}.part")
             try:
                 self.client.download_file(self.bucket, key, str(partial))
             except Exception as exc:
