@@ -70,7 +70,8 @@ def run(data: list[str] | None = None, model: str | None = None, out: str = "res
     if backend == "aws":
         from cai.backends import aws
 
-        summary, csv_bytes = aws.run(data=data, model=model, settings=settings, **aws_options)
+        summary, csv_bytes = aws.run(data=data, model=model, settings=settings, workdir=out_dir, size_mb=size_mb,
+                                     **aws_options)
     else:
         partitions = prepare_partitions(data or [str(DEFAULT_DATA)], out_dir, size_mb)
         model_path = prepare_model(model, runtime)

@@ -76,3 +76,28 @@ def test_two_runs_at_once_keep_to_their_own_prefixes(partitions, onnx_model):
     assert len([k for k in keys if k.startswith("runs/a/partials/")]) == 5
     assert len([k for k in keys if k.startswith("runs/b/partials/")]) == 2
     assert summary_b["galaxies"] == 80 and summary_b["run_id"] != a["run_id"]
+
+
+def test_aws_backend_uploads_starts_follows_and_downloads(partitions, onnx_model, tmp_path):
+    """The aws backend against the emulated stack: same boto3 calls as on AWS, moto answering."""
+    from cai.backends import aws
+
+    with emulated.EmulatedAWS(emulated.real_handlers(), buckets=["stack-bucket"]) as emu:
+        summary, csv = aws.run(data=[str(partitions)], model=str(onnx_model), settings=SETTINGS,
+                               bucket="stack-bucket", state_machine_arn=emu.state_machine_arn,
+                               workdir=tmp_path, poll_s=0.2, timeout_s=600, result_prefix="runs/x/")
+        keys = {o["Key"] for o in emu.s3.list_objects_v2(Bucket="stack-bucket")["Contents"]}
+    assert summary["galaxies"] == 200 and summary["partitions_failed"] == 1
+    assert csv.startswith(b"object_id,z_pred,z_true,flag\n") and csv.count(b"\n") == 161
+    assert f"models/{onnx_model.name}" in keys and "runs/x/summary.json" in keys
+
+
+def test_aws_backend_names_a_missing_stack(monkeypatch):
+    from moto import mock_aws
+
+    from cai.backends import aws
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    with mock_aws(), pytest.raises(aws.AwsRunError, match="cannot read stack 'cai-nowhere'"):
+        aws.run(stack="cai-nowhere", region="eu-west-1")

@@ -31,6 +31,9 @@ def register(subparsers):
                    help="aws: the deployed CloudFormation stack (default cai-dev)")
     r.add_argument("--region", default=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"),
                    help="aws: the stack's region")
+    r.add_argument("--profile", help="aws: the AWS profile to use")
+    r.add_argument("--bucket", help="aws: the stack's bucket (default: from the stack's outputs)")
+    r.add_argument("--state-machine-arn", help="aws: the state machine (default: from the stack's outputs)")
     r.add_argument("--result-prefix", help="aws: where the run writes in the bucket (default runs/<time>/)")
     r.set_defaults(func=run)
 
@@ -50,7 +53,8 @@ def partition(args) -> int:
 def run(args) -> int:
     from cai.run import describe, run as run_cai
 
-    aws = {"stack": args.stack, "region": args.region, "result_prefix": args.result_prefix} \
+    aws = {"stack": args.stack, "region": args.region, "profile": args.profile, "bucket": args.bucket,
+           "state_machine_arn": args.state_machine_arn, "result_prefix": args.result_prefix} \
         if args.backend == "aws" else {}
     summary, outputs = run_cai(
         data=args.data, model=args.model, out=args.out, backend=args.backend, batch_size=args.batch_size,
