@@ -150,6 +150,38 @@ def _pick(arrays: dict, field: str, source: str, required: bool):
     return None
 
 
+class _NpyFile:
+    """Slices of a .npy file read with plain file reads.
+
+    Not a memory map: mapped pages stay in the process's resident set, so a
+    large source would look (and, under pressure, act) like one held in memory.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        with open(path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read_header(handle)
+            self.offset = handle.tell()
+        if fortran or dtype.hasobject:
+            raise InputError(f"{path} is Fortran-ordered or holds Python objects", "save it with np.save(C-order)")
+        self.shape, self.dtype = shape, dtype
+        self.row = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        start, stop, _ = rows.indices(self.shape[0])
+        count = max(0, stop - start) * self.row
+        with open(self.path, "rb") as handle:
+            handle.seek(self.offset + start * self.row * self.dtype.itemsize)
+            data = np.fromfile(handle, dtype=self.dtype, count=count)
+        return data.reshape((max(0, stop - start), *self.shape[1:]))
+
+
 def _blocks_from_arrays(get, names, source: str, count: int | None, chunk: int) -> Iterator[dict]:
     """Yield dicts of array slices of at most ``chunk`` galaxies; ``get(name, start, stop)`` reads a slice."""
     fields = {f: _pick(names, f, source, f in ("images", "magnitudes")) for f in _ALIASES}
@@ -200,8 +232,8 @@ def read_source(path: str, chunk: int = 2048, id_offset: int = 0, render_seed: i
         files = {f.stem: f for f in p.glob("*.npy")}
         if not files:
             raise InputError(f"folder {path} holds no .npy files", "expected images.npy, magnitudes.npy, ...")
-        mm = {k: np.load(f, mmap_mode="r", allow_pickle=False) for k, f in files.items()}
-        blocks = _blocks_from_arrays(lambda k, a, b: mm[k][a:b], mm, path, None, chunk)
+        arrays = {k: _NpyFile(f) for k, f in files.items()}
+        blocks = _blocks_from_arrays(lambda k, a, b: arrays[k][a:b], arrays, path, None, chunk)
     elif suffix == ".npz":
         with np.load(p, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from cai.commands import bench_subparsers
 from cai.errors import CaiError, InputError, WeightsError
 
 GFLOP_PER_GALAXY = 0.219  # the AstroMAE paper's count for one forward pass
@@ -45,7 +46,7 @@ def register(subparsers) -> None:
     export.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18, the exporter's lowest)")
     export.set_defaults(func=run_export)
 
-    bench_parsers = _bench_subparsers(subparsers)
+    bench_parsers = bench_subparsers(subparsers)
     engine = bench_parsers.add_parser(
         "engine", help="galaxies/s, roofline fraction and peak memory per runtime and batch size",
         description="Times the inference engine on real SDSS cutouts (tiled to --galaxies), after a "
@@ -61,17 +62,6 @@ def register(subparsers) -> None:
     engine.add_argument("--data", type=Path, default=None, help=f"cutouts .npz (default {CUTOUTS})")
     engine.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     engine.set_defaults(func=run_bench_engine)
-
-
-def _bench_subparsers(subparsers):
-    # `cai bench` may already exist from another command module: add to it rather than clash
-    bench = subparsers.choices.get("bench")
-    if bench is None:
-        bench = subparsers.add_parser("bench", help="benchmarks")
-    for action in bench._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return action
-    return bench.add_subparsers(dest="bench_target", required=True, metavar="TARGET")
 
 
 def run_convert(args) -> int:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import sys
+
+from cai.commands import bench_subparsers
 
 
 def register(subparsers):
@@ -37,6 +38,15 @@ def register(subparsers):
     r.add_argument("--result-prefix", help="aws: where the run writes in the bucket (default runs/<time>/)")
     r.set_defaults(func=run)
 
+    m = bench_subparsers(subparsers).add_parser(
+        "memory", help="peak memory of a run on N and on FACTOR*N galaxies (constant memory, shown)")
+    m.add_argument("--galaxies", type=int, default=5000)
+    m.add_argument("--factor", type=int, default=4)
+    m.add_argument("--model", help="weights or .onnx (default: the demo weights)")
+    m.add_argument("--size-mb", type=float, default=25.0)
+    m.add_argument("--json", help="also write the figures as JSON here")
+    m.set_defaults(func=bench_memory)
+
 
 def partition(args) -> int:
     from cai.partitions import write_partitions
@@ -62,3 +72,17 @@ def run(args) -> int:
         partitions_per_executor=args.partitions_per_executor, **aws)
     print(describe(summary, outputs))
     return 1 if summary["galaxies_failed"] else 0
+
+
+def bench_memory(args) -> int:
+    from cai.bench_memory import memory
+
+    rows = memory(args.galaxies, args.factor, args.model, args.size_mb)
+    print(f"{'galaxies':>9} {'dataset MB':>11} {'partition peak MB':>18} {'run peak MB':>12} {'run s':>7}")
+    for row in rows:
+        print(f"{row['galaxies']:>9,} {row['dataset_mb']:>11,.1f} {row['partition_peak_mb']:>18,.1f} "
+              f"{row['run_peak_mb']:>12,.1f} {row['run_seconds']:>7.1f}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(rows, handle, indent=1)
+    return 0

@@ -1,0 +1,73 @@
+"""Constant memory, shown: the same run on N and on k*N galaxies, peak RSS of each.
+
+Each run is a fresh ``cai run --workers 1`` process (executor in-process, so
+its peak covers partition reading, inference and Summarize), measured with
+``os.wait4``: the kernel's high-water mark of that process alone.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cai.run import REPO
+
+CUTOUTS = REPO / "data" / "sdss_dr17_galaxies_32x32.npz"
+
+
+def write_survey(folder: Path, galaxies: int, seed: int = 0) -> Path:
+    """A folder of memory-mapped .npy files: real cutouts tiled, magnitudes jittered; never all in memory."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with np.load(CUTOUTS) as npz:
+        images, mags = npz["images"], npz["aperture_mag"]
+    keep = np.isfinite(mags).all(axis=1)
+    images, mags = images[keep], mags[keep]
+    rng = np.random.default_rng(seed)
+    out_images = np.lib.format.open_memmap(folder / "images.npy", "w+", np.float32, (galaxies, 5, 32, 32))
+    out_mags = np.lib.format.open_memmap(folder / "magnitudes.npy", "w+", np.float64, (galaxies, 5))
+    for start in range(0, galaxies, len(images)):
+        n = min(len(images), galaxies - start)
+        out_images[start:start + n] = images[:n]
+        out_mags[start:start + n] = mags[:n] + rng.normal(0, 0.01, (n, 5))
+    out_images.flush(), out_mags.flush()
+    np.save(folder / "redshifts.npy", rng.uniform(0.02, 0.3, galaxies).astype(np.float32))
+    del out_images, out_mags
+    return folder
+
+
+def _measured(command: list[str]) -> tuple[float, float]:
+    """(peak RSS in MiB, seconds) of one child process."""
+    started = time.perf_counter()
+    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(child.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(command)} failed: {child.stderr.read().decode()[-2000:]}")
+    return usage.ru_maxrss / 1024.0, time.perf_counter() - started
+
+
+def memory(galaxies: int = 5000, factor: int = 4, model: str | None = None, size_mb: float = 25,
+           batch_size: int = 256) -> list[dict]:
+    """Peak memory of partitioning and of running N and factor*N galaxies."""
+    from cai.run import prepare_model
+
+    onnx = str(prepare_model(model, "onnxruntime"))  # export once, outside the measured runs
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="cai-bench-") as tmp:
+        for n in (galaxies, galaxies * factor):
+            source = write_survey(Path(tmp) / f"src-{n}", n)
+            parts, out = Path(tmp) / f"parts-{n}", Path(tmp) / f"out-{n}"
+            cai = [sys.executable, "-m", "cai"]
+            part_mb, part_s = _measured(cai + ["partition", str(source), "--size-mb", str(size_mb),
+                                               "--out", str(parts)])
+            run_mb, run_s = _measured(cai + ["run", "--data", str(parts), "--model", onnx, "--out", str(out),
+                                             "--workers", "1", "--batch-size", str(batch_size)])
+            rows.append({"galaxies": n, "dataset_mb": round(n * 20532 / 2**20, 1),
+                         "partition_peak_mb": round(part_mb, 1), "run_peak_mb": round(run_mb, 1),
+                         "run_seconds": round(run_s, 1)})
+    return rows
