@@ -186,9 +186,17 @@ class Engine:
     @classmethod
     def _load_torch(cls, path: Path, threads):
         try:
+            if os.environ.get("CAI_TORCH_LAYER_ARCHIVE"):
+                # on Lambda PyTorch ships compressed in the torch layer: unpack it once per container
+                import cai_torch_layer
+
+                cai_torch_layer.ensure_torch()
             import torch
         except ImportError:
             raise WeightsError("torch is not installed", "use runtime onnxruntime with an exported .onnx") from None
+        except OSError as exc:  # the torch layer's archive is missing, or /tmp is too small for it
+            raise WeightsError(f"cannot unpack the torch layer: {exc}",
+                               "redeploy with --param torch=true (it sizes /tmp for it)") from exc
         from cai.model.weights import load_model
 
         if threads is not None:
