@@ -136,13 +136,12 @@ def list_partitions(store, prefix: str) -> list[dict]:
     return parts, [o.key for o in objects if not o.key.endswith(SUFFIX) and not o.key.endswith(MANIFEST)]
 
 
-def initialize(payload, store=None) -> dict:
-    """Validate the payload, list the partitions, write the work list; return the run plan.
+def find_inputs(store, run: dict) -> list[dict]:
+    """The run's partitions, after checking they and the model are in ``store``.
 
-    Nothing is written when the payload or the data is wrong: every problem is named at once.
+    Raises:
+        PayloadError: naming every missing input at once.
     """
-    run = validate_payload(payload)
-    store = store or open_store(run["bucket"])
     parts, others = list_partitions(store, run["partition_prefix"])
     problems = []
     if not parts:
@@ -154,6 +153,17 @@ def initialize(payload, store=None) -> dict:
         problems.append(f"no model at {store.url(run['model_key'])}; upload it with `cai upload`")
     if problems:
         raise PayloadError(problems)
+    return parts
+
+
+def initialize(payload, store=None) -> dict:
+    """Validate the payload, list the partitions, write the work list; return the run plan.
+
+    Nothing is written when the payload or the data is wrong: every problem is named at once.
+    """
+    run = validate_payload(payload)
+    store = store or open_store(run["bucket"])
+    parts = find_inputs(store, run)
     if run["max_partitions"]:
         parts = parts[: run["max_partitions"]]
     run["run_id"] = run["run_id"] or f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"

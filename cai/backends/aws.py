@@ -84,50 +84,91 @@ def follow(sfn, execution_arn: str, poll_s: float = 5.0, timeout_s: float | None
         time.sleep(poll_s)
 
 
+def stamp() -> str:
+    """UTC time to the second: names a run's prefixes and execution."""
+    return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}"
+
+
+def resolve_stack(stack: str, region: str | None = None, profile: str | None = None,
+                  bucket: str | None = None, state_machine_arn: str | None = None,
+                  need_state_machine: bool = True) -> tuple[str, str | None]:
+    """The bucket and state machine ARN: as given, else from the stack's outputs."""
+    if bucket and (state_machine_arn or not need_state_machine):
+        return bucket, state_machine_arn
+    outputs = stack_outputs(stack, region, profile)
+    bucket = bucket or outputs.get(OUTPUT_BUCKET)
+    state_machine_arn = state_machine_arn or outputs.get(OUTPUT_STATE_MACHINE)
+    if not bucket or (need_state_machine and not state_machine_arn):
+        raise AwsRunError(f"stack {stack!r} has no {OUTPUT_BUCKET}/{OUTPUT_STATE_MACHINE} outputs",
+                          "is it a CAI stack? deploy with `npx sls deploy`")
+    return bucket, state_machine_arn
+
+
+def upload_partitions(data: list[str], store: S3Store, workdir: str | Path, size_mb: float,
+                      prefix: str | None = None) -> str:
+    """Partition ``data`` if needed and upload it (an ``s3://`` prefix in the bucket is used as is).
+
+    Returns the partition prefix in the bucket.
+    """
+    from cai.run import prepare_partitions
+
+    if len(data) == 1 and data[0].startswith("s3://"):
+        data_bucket, partition_prefix = split_location(data[0])
+        if data_bucket != store.bucket:
+            raise AwsRunError(f"{data[0]} is not in the stack's bucket {store.bucket}",
+                              "the functions may read only their own bucket: `cai upload` your partitions there")
+        return partition_prefix if partition_prefix.endswith("/") else partition_prefix + "/"
+    folder = prepare_partitions(data, Path(workdir), size_mb)
+    partition_prefix = prefix or f"partitions/{stamp()}/"
+    partition_prefix = partition_prefix if partition_prefix.endswith("/") else partition_prefix + "/"
+    log.info("uploaded %d files to s3://%s/%s", upload_folder(folder, store, partition_prefix),
+             store.bucket, partition_prefix)
+    return partition_prefix
+
+
+def upload_model(model: str | None, store: S3Store, runtime: str = "onnxruntime",
+                 prefix: str = "models/") -> str:
+    """The model's key in the bucket: an ``s3://`` one as is, else the file the runtime loads, uploaded once.
+
+    Weights are exported to ONNX here for the onnxruntime runtime, since the Lambda has no torch to do it.
+    """
+    from cai.run import prepare_model
+
+    if model and str(model).startswith("s3://"):
+        return split_location(str(model))[1]
+    path = prepare_model(model, runtime)
+    model_key = prefix + path.name
+    if not store.exists(model_key):
+        upload_file(path, store, model_key)
+        log.info("uploaded %s to s3://%s/%s", path, store.bucket, model_key)
+    return model_key
+
+
+def build_payload(bucket: str, partition_prefix: str, model_key: str, result_prefix: str | None = None,
+                  settings: dict | None = None) -> dict:
+    """The state machine's input, as Initialize reads it; settings left None take its defaults."""
+    return {"bucket": bucket, "partition_prefix": partition_prefix, "model_key": model_key,
+            "result_prefix": result_prefix or f"runs/{stamp()}/",
+            **{k: v for k, v in (settings or {}).items() if v is not None}}
+
+
 def run(data=None, model=None, settings=None, stack: str = "cai-dev", region: str | None = None,
         profile: str | None = None, bucket: str | None = None, state_machine_arn: str | None = None,
         result_prefix: str | None = None, workdir: str | Path = "results", size_mb: float = 25,
         poll_s: float = 5.0, timeout_s: float | None = None):
     """Run on the deployed stack; return (summary, predictions.csv bytes)."""
-    from cai.run import DEFAULT_DATA, prepare_model, prepare_partitions
+    from cai.run import DEFAULT_DATA
 
     settings = dict(settings or {})
-    if not (bucket and state_machine_arn):
-        outputs = stack_outputs(stack, region, profile)
-        bucket = bucket or outputs.get(OUTPUT_BUCKET)
-        state_machine_arn = state_machine_arn or outputs.get(OUTPUT_STATE_MACHINE)
-        if not (bucket and state_machine_arn):
-            raise AwsRunError(f"stack {stack!r} has no {OUTPUT_BUCKET}/{OUTPUT_STATE_MACHINE} outputs",
-                              "is it a CAI stack? deploy with `npx sls deploy`")
+    bucket, state_machine_arn = resolve_stack(stack, region, profile, bucket, state_machine_arn)
     aws = session(region, profile)
     store = S3Store(bucket, aws.client("s3"))
-    stamp = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}"
 
-    data = data or [str(DEFAULT_DATA)]
-    if len(data) == 1 and data[0].startswith("s3://"):
-        data_bucket, partition_prefix = split_location(data[0])
-        if data_bucket != bucket:
-            raise AwsRunError(f"{data[0]} is not in the stack's bucket {bucket}",
-                              "the functions may read only their own bucket: `cai upload` your partitions there")
-        partition_prefix = partition_prefix if partition_prefix.endswith("/") else partition_prefix + "/"
-    else:
-        folder = prepare_partitions(data, Path(workdir), size_mb)
-        partition_prefix = f"partitions/{stamp}/"
-        log.info("uploaded %d files to s3://%s/%s", upload_folder(folder, store, partition_prefix),
-                 bucket, partition_prefix)
-    if model and str(model).startswith("s3://"):
-        model_key = split_location(str(model))[1]
-    else:
-        path = prepare_model(model, settings.get("runtime", "onnxruntime"))
-        model_key = f"models/{path.name}"
-        if not store.exists(model_key):
-            upload_file(path, store, model_key)
-
-    payload = {"bucket": bucket, "partition_prefix": partition_prefix, "model_key": model_key,
-               "result_prefix": result_prefix or f"runs/{stamp}/",
-               **{k: v for k, v in settings.items() if v is not None}}
+    partition_prefix = upload_partitions(data or [str(DEFAULT_DATA)], store, workdir, size_mb)
+    model_key = upload_model(model, store, settings.get("runtime", "onnxruntime"))
+    payload = build_payload(bucket, partition_prefix, model_key, result_prefix, settings)
     sfn = aws.client("stepfunctions")
-    execution = sfn.start_execution(stateMachineArn=state_machine_arn, name=f"cai-{stamp}",
+    execution = sfn.start_execution(stateMachineArn=state_machine_arn, name=f"cai-{stamp()}",
                                     input=json.dumps(payload))["executionArn"]
     log.info("started %s", execution)
     state = follow(sfn, execution, poll_s=poll_s, timeout_s=timeout_s)

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 
-from cai.commands import bench_subparsers
+from cai.commands import add_stack_options, bench_subparsers
 
 
 def register(subparsers):
@@ -28,12 +27,7 @@ def register(subparsers):
     r.add_argument("--size-mb", type=float, default=25.0, help="partition size when partitioning on the fly")
     r.add_argument("--max-partitions", type=int)
     r.add_argument("--partitions-per-executor", type=int, default=1)
-    r.add_argument("--stack", default=os.environ.get("CAI_STACK", "cai-dev"),
-                   help="aws: the deployed CloudFormation stack (default cai-dev)")
-    r.add_argument("--region", default=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"),
-                   help="aws: the stack's region")
-    r.add_argument("--profile", help="aws: the AWS profile to use")
-    r.add_argument("--bucket", help="aws: the stack's bucket (default: from the stack's outputs)")
+    add_stack_options(r, "aws: ")
     r.add_argument("--state-machine-arn", help="aws: the state machine (default: from the stack's outputs)")
     r.add_argument("--result-prefix", help="aws: where the run writes in the bucket (default runs/<time>/)")
     r.set_defaults(func=run)
