@@ -15,8 +15,6 @@ render and the float16 weights loaded back as float32: what users get.
 from __future__ import annotations
 
 import copy
-import datetime
-import hashlib
 import json
 import math
 import platform
@@ -32,7 +30,7 @@ from torch.nn import functional as F
 from cai import metrics, render
 from cai.catalog import read_sdss_mgs, subset
 from cai.model.astromae import AstroMAE
-from cai.model.weights import file_sha256, load_model, save_weights
+from cai.model.weights import file_sha256, load_model, read_metadata, save_weights
 
 TRAINABLE = 10_398_057  # the paper's count with the encoder frozen
 RENDER_SEED_OFFSET = {"train": 1000, "test": 2000}  # train and test renders never share noise
@@ -308,10 +306,9 @@ def train(train_catalog_path, out_path, seed: int = 0, limit: int | None = None,
     model.load_state_dict(best["state"])
     best = best["record"]
     wall_s = time.time() - started
-    digest = hashlib.sha256(json.dumps(history).encode()).hexdigest()[:8]
-    model_version = f"astromae-demo-{datetime.date.today().isoformat()}-{digest}"
-    out_path = save_weights(model.state_dict(), out_path, dtype="float16",
-                            metadata={"model_version": model_version})
+    # the version hashes the saved tensors only: a rerun that reproduces the weights reproduces the file
+    out_path = save_weights(model.state_dict(), out_path, dtype="float16", version_prefix="astromae-demo")
+    model_version = read_metadata(out_path)["model_version"]
 
     record = {
         "model_version": model_version,

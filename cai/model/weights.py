@@ -37,12 +37,14 @@ def _check_path(path) -> Path:
     return path
 
 
-def save_weights(state_dict, path, dtype: str = "float16", metadata: dict | None = None) -> Path:
+def save_weights(state_dict, path, dtype: str = "float16", metadata: dict | None = None,
+                 version_prefix: str = "astromae") -> Path:
     """Write a state dict (torch tensors or numpy arrays) as project weights.
 
     Floats are cast to ``dtype``; integers (``num_batches_tracked``) keep
     their type. ``metadata`` values are stored as strings; ``model_version``
-    defaults to a hash of the tensors. The file is written atomically.
+    defaults to ``version_prefix`` and a hash of the tensors, so the same
+    weights always get the same version. The file is written atomically.
     """
     from safetensors.numpy import save_file
 
@@ -68,7 +70,7 @@ def save_weights(state_dict, path, dtype: str = "float16", metadata: dict | None
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     meta["format"] = FORMAT
     meta["dtype"] = dtype
-    meta.setdefault("model_version", f"astromae-{digest.hexdigest()[:12]}")
+    meta.setdefault("model_version", f"{version_prefix}-{digest.hexdigest()[:12]}")
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
