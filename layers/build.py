@@ -50,6 +50,8 @@ TOOLS = ROOT / "build" / "tools"
 GLIBC_MINOR = 34
 MACHINE = {"x86_64": "x86_64", "arm64": "aarch64"}
 LAMBDA_UNZIPPED_LIMIT_BYTES = 250 * 1024 * 1024
+# where cai_torch_layer unpacks the archive on Lambda (its DEFAULT_TARGET; serverless.yml's CAI_TORCH_DIR)
+UNPACKED_TORCH_DIR = "/tmp/cai-torch"
 
 # zip and tar timestamps: the earliest a zip can hold, so builds do not depend on the clock.
 FIXED_DATE = (1980, 1, 1, 0, 0, 0)
@@ -98,6 +100,9 @@ def install_wheels(wheels: list[Path], target: Path, arch: str, python_version: 
     """Unpack wheels into ``target`` as the Lambda's pip would, without compiling .pyc for this host."""
     pip("install", "--no-deps", "--no-compile", "--no-index", "--target", str(target),
         *platform_args(arch, python_version), *map(str, wheels))
+    # both name the temporary folder the wheels came from, so two builds would never be byte-identical
+    for record in [*target.glob("*.dist-info/direct_url.json"), *target.glob("*.dist-info/RECORD")]:
+        record.unlink()
 
 
 def read_requirements(path: Path) -> list[str]:
@@ -171,7 +176,7 @@ def target_interpreter(python_version: str) -> str | None:
     return None
 
 
-def compile_bytecode(root: Path, python_version: str) -> bool:
+def compile_bytecode(root: Path, python_version: str, dest: str) -> bool:
     """Precompile .pyc (hash-checked, so reproducible) with an interpreter of the target's version.
 
     Lambda's /opt is read-only, so without them every cold start compiles the layer's Python
@@ -184,7 +189,8 @@ def compile_bytecode(root: Path, python_version: str) -> bool:
               "compile the sources (build on a machine with that Python to include them)", file=sys.stderr)
         return False
     # a few test fixtures in the wheels do not compile on purpose; compileall then exits 1
-    subprocess.run([interpreter, "-m", "compileall", "-q", "-q", "-j", "0",
+    # -s/-p: .pyc name their source where it will be (dest), not this build's temporary folder
+    subprocess.run([interpreter, "-m", "compileall", "-q", "-q", "-j", "0", "-s", str(root), "-p", dest,
                     "--invalidation-mode", "unchecked-hash", str(root)], stdout=subprocess.DEVNULL)
     return True
 
@@ -290,7 +296,7 @@ def build_inference(arch: str, python_version: str, out: Path) -> dict:
         wheels = download_wheels(requirements, tmp / "wheels", arch, python_version)
         install_wheels(wheels, tmp / "layer" / "python", arch, python_version)
         pruned = prune(tmp / "layer" / "python", read_patterns(HERE / "inference" / "prune.txt"))
-        compiled = compile_bytecode(tmp / "layer" / "python", python_version)
+        compiled = compile_bytecode(tmp / "layer" / "python", python_version, "/opt/python")
         sizes = write_zip(tmp / "layer", out / f"{stem}.zip")
         records = _wheel_records(wheels)
     return _finish({
@@ -322,7 +328,7 @@ def build_torch(arch: str, python_version: str, out: Path, torch_wheel: str,
         install_wheels(archive_wheels, tree, arch, python_version)
         pruned = prune(tree, read_patterns(HERE / "torch" / "prune.txt"))
         stripped = strip_libraries(tree, tool) if tool else 0
-        compiled = compile_bytecode(tree, python_version)
+        compiled = compile_bytecode(tree, python_version, UNPACKED_TORCH_DIR)
 
         # the layer itself: the archive stored as is, and the code that unpacks it
         stage = tmp / "layer"

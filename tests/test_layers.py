@@ -148,6 +148,18 @@ def test_zips_are_reproducible_and_keep_modes(fake_torch, tmp_path):
     assert info["torch/lib/libtorch_cpu.so"].compress_type == zipfile.ZIP_STORED
 
 
+def test_bytecode_does_not_depend_on_the_build_folder(tmp_path):
+    here = f"{sys.version_info.major}.{sys.version_info.minor}"
+    built = []
+    for folder in ("one", "two"):
+        (tmp_path / folder / "pkg").mkdir(parents=True)
+        (tmp_path / folder / "pkg" / "mod.py").write_text("def f():\n    return 1\n")
+        assert build.compile_bytecode(tmp_path / folder, here, "/opt/python")
+        (pyc,) = (tmp_path / folder / "pkg" / "__pycache__").glob("mod.*.pyc")
+        built.append(pyc.read_bytes())
+    assert built[0] == built[1] and b"/opt/python/pkg/mod.py" in built[0]
+
+
 def test_wheels_are_chosen_for_the_lambda_platform_never_this_machine():
     args = build.platform_args("arm64", "3.12")
     assert args[:5] == ["--only-binary=:all:", "--implementation", "cp", "--python-version", "3.12"]
