@@ -237,6 +237,9 @@ def test_upload_puts_partitions_and_model_in_the_stacks_bucket(stack, partitions
     assert f"models/{onnx_model.name}" in uploaded
     assert [k for k in uploaded if k.startswith("surveys/a/")] == \
         sorted(f"surveys/a/{p.name}" for p in partitions.iterdir())
+    assert main(["upload", str(onnx_model), "--stack", "cai-dev"]) == 0  # a model alone keeps the data's record
+    last = json.loads(stack.get_object(Bucket="cai-data", Key="uploads/last.json")["Body"].read())
+    assert last == {"partition_prefix": "surveys/a/", "model_key": f"models/{onnx_model.name}"}
 
 
 def test_payload_is_what_initialize_accepts_for_the_uploaded_data(stack, partitions, onnx_model, tmp_path):
@@ -246,9 +249,10 @@ def test_payload_is_what_initialize_accepts_for_the_uploaded_data(stack, partiti
 
     done = deploy.upload([str(partitions), str(onnx_model)], "cai-dev")
     out = tmp_path / "payload.json"
-    assert main(["payload", "--stack", "cai-dev", "--partition-prefix", done["partition_prefix"],
-                 "--model-key", done["model_keys"][0], "--batch-size", "64", "--out", str(out)]) == 0
+    # the keys default to what the last upload put in the bucket
+    assert main(["payload", "--stack", "cai-dev", "--batch-size", "64", "--out", str(out)]) == 0
     payload = json.loads(out.read_text())
+    assert payload["partition_prefix"] == done["partition_prefix"] and payload["model_key"] == done["model_keys"][0]
     assert payload["bucket"] == "cai-data" and payload["batch_size"] == 64
     assert payload["result_prefix"].startswith("runs/") and payload["result_prefix"].endswith("/")
     assert "runtime" not in payload  # unset settings take Initialize's defaults
@@ -259,8 +263,10 @@ def test_payload_is_what_initialize_accepts_for_the_uploaded_data(stack, partiti
 
 def test_payload_names_every_missing_input_before_anything_runs(stack, tmp_path):
     from cai import deploy
-    from cai.errors import PayloadError
+    from cai.errors import InputError, PayloadError
 
+    with pytest.raises(InputError, match="no --partition-prefix or --model-key given"):
+        deploy.payload("cai-dev")  # nothing uploaded yet
     with pytest.raises(PayloadError) as err:
         deploy.payload("cai-dev", "nowhere/", "models/none.onnx", settings={"batch_size": 0})
     assert "'batch_size' must be an integer" in str(err.value)

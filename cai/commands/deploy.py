@@ -21,8 +21,8 @@ def register(subparsers):
 
     p = subparsers.add_parser("payload", help="write the state machine input (payload.json) for a deployed stack")
     add_stack_options(p)
-    p.add_argument("--partition-prefix", required=True, help="the partitions' prefix in the bucket (from cai upload)")
-    p.add_argument("--model-key", required=True, help="the model's key in the bucket (from cai upload)")
+    p.add_argument("--partition-prefix", help="the partitions' prefix in the bucket (default: the last cai upload's)")
+    p.add_argument("--model-key", help="the model's key in the bucket (default: the last cai upload's)")
     p.add_argument("--result-prefix", help="where the run writes (default runs/<UTC time>/)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--runtime", choices=("onnxruntime", "torch"))
@@ -44,8 +44,7 @@ def upload(args) -> int:
         print(f"partitions: s3://{done['bucket']}/{done['partition_prefix']}")
     for key in done["model_keys"]:
         print(f"model:      s3://{done['bucket']}/{key}")
-    print("next: cai payload --stack {} --partition-prefix {} --model-key {}".format(
-        args.stack, done["partition_prefix"] or "PREFIX", (done["model_keys"] or ["KEY"])[0]))
+    print(f"next: cai payload --stack {args.stack} --out payload.json  (uses what was uploaded last)")
     return 0
 
 
@@ -60,6 +59,7 @@ def payload(args) -> int:
         json.dump(body, handle, indent=1)
         handle.write("\n")
     found = "" if partitions is None else f"{partitions} partitions, "
-    print(f"{args.out}: {found}results under s3://{body['bucket']}/{body['result_prefix']}")
+    print(f"{args.out}: {found}from s3://{body['bucket']}/{body['partition_prefix']} with model "
+          f"{body['model_key']}; results under {body['result_prefix']}")
     print(f"start it: npx sls invoke stepf --name cai --path {args.out}  (--data takes inline JSON, not a file)")
     return 0
