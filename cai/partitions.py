@@ -15,10 +15,12 @@ and writes ``manifest.json`` (key, galaxies, bytes, sha256 per partition).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import struct
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -150,42 +152,48 @@ def _pick(arrays: dict, field: str, source: str, required: bool):
     return None
 
 
-class _NpyFile:
-    """Slices of a .npy file read with plain file reads.
+class _NpyArray:
+    """Row slices of one ``.npy`` array, read from an open file handle on demand.
 
-    Not a memory map: mapped pages stay in the process's resident set, so a
-    large source would look (and, under pressure, act) like one held in memory.
+    Not a memory map, nor one read of the whole: mapped or loaded pages stay in
+    the process's resident set, so a large source would be held in memory.
+    Works on a plain file and on a member of an ``.npz`` (a zip), whose reads
+    run forward as the blocks do.
     """
 
-    def __init__(self, path: Path):
-        self.path = path
-        with open(path, "rb") as handle:
+    def __init__(self, handle, name: str):
+        self.handle, self.name = handle, name
+        try:
             version = np.lib.format.read_magic(handle)
             read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                            else np.lib.format.read_array_header_2_0)
             shape, fortran, dtype = read_header(handle)
-            self.offset = handle.tell()
+        except ValueError as exc:
+            raise InputError(f"{name} is not a readable .npy array: {exc}", "save it with np.save or np.savez") from None
         if fortran or dtype.hasobject:
-            raise InputError(f"{path} is Fortran-ordered or holds Python objects", "save it with np.save(C-order)")
+            raise InputError(f"{name} is Fortran-ordered or holds Python objects", "save it with np.save(C-order)")
+        self.offset = handle.tell()
         self.shape, self.dtype = shape, dtype
         self.row = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
 
     def __len__(self):
-        return self.shape[0]
+        return self.shape[0] if self.shape else 1
 
     def __getitem__(self, rows: slice) -> np.ndarray:
-        start, stop, _ = rows.indices(self.shape[0])
-        count = max(0, stop - start) * self.row
-        with open(self.path, "rb") as handle:
-            handle.seek(self.offset + start * self.row * self.dtype.itemsize)
-            data = np.fromfile(handle, dtype=self.dtype, count=count)
-        return data.reshape((max(0, stop - start), *self.shape[1:]))
+        start, stop, _ = rows.indices(len(self))
+        n = max(0, stop - start)
+        self.handle.seek(self.offset + start * self.row * self.dtype.itemsize)
+        data = self.handle.read(n * self.row * self.dtype.itemsize)
+        if len(data) != n * self.row * self.dtype.itemsize:
+            raise InputError(f"{self.name} is truncated: rows {start}..{stop} are not all there",
+                             "write the source file again")
+        return np.frombuffer(data, dtype=self.dtype).reshape((n, *self.shape[1:]))
 
 
 def _blocks_from_arrays(get, names, source: str, count: int | None, chunk: int) -> Iterator[dict]:
     """Yield dicts of array slices of at most ``chunk`` galaxies; ``get(name, start, stop)`` reads a slice."""
     fields = {f: _pick(names, f, source, f in ("images", "magnitudes")) for f in _ALIASES}
-    n = count if count is not None else len(get(fields["images"], None, None))
+    n = count if count is not None else len(names[fields["images"]])  # a length, not a read of the array
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
         yield {f: (get(name, start, stop) if name else None) for f, name in fields.items()}, start, stop
@@ -219,57 +227,64 @@ def _check_block(block: dict, source: str, start: int, id_offset: int) -> Galaxi
 def read_source(path: str, chunk: int = 2048, id_offset: int = 0, render_seed: int = 1) -> Iterator[Galaxies]:
     """Stream galaxies from one source file in blocks of at most ``chunk``.
 
-    Accepted: ``.npz``, a folder of ``.npy`` files (memory-mapped), ``.h5``/``.hdf5``,
-    the authors' ``TensorDataset`` ``.pt`` (read without executing pickled code),
-    a CAI partition, and an SDSS_MGS-style catalog (``.train``, ``.test``, ``.txt``),
+    Accepted: ``.npz``, a folder of ``.npy`` files, ``.h5``/``.hdf5`` (all three read a block
+    at a time), the authors' ``TensorDataset`` ``.pt`` (read whole: it is one pickle, parsed
+    without executing its code), a CAI partition, and an SDSS_MGS-style catalog (``.train``, ``.test``, ``.txt``),
     rendered on the fly by ``cai render``'s code.
     """
     p = Path(path)
     if not p.exists():
         raise InputError(f"no such source {path}", "give a .npz, .h5, .pt, a folder of .npy or a catalog")
     suffix = p.suffix.lower()
-    if p.is_dir():
-        files = {f.stem: f for f in p.glob("*.npy")}
-        if not files:
-            raise InputError(f"folder {path} holds no .npy files", "expected images.npy, magnitudes.npy, ...")
-        arrays = {k: _NpyFile(f) for k, f in files.items()}
-        blocks = _blocks_from_arrays(lambda k, a, b: arrays[k][a:b], arrays, path, None, chunk)
-    elif suffix == ".npz":
-        with np.load(p, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-        blocks = _blocks_from_arrays(lambda k, a, b: arrays[k][a:b], arrays, path, None, chunk)
-    elif suffix in (".h5", ".hdf5"):
-        import h5py
+    # the source's files stay open while its blocks stream, and close when the stream ends or is dropped
+    with contextlib.ExitStack() as opened:
+        if p.is_dir():
+            files = {f.stem: f for f in sorted(p.glob("*.npy"))}
+            if not files:
+                raise InputError(f"folder {path} holds no .npy files", "expected images.npy, magnitudes.npy, ...")
+            arrays = {k: _NpyArray(opened.enter_context(open(f, "rb")), str(f)) for k, f in files.items()}
+            blocks = _blocks_from_arrays(lambda k, a, b: arrays[k][a:b], arrays, path, None, chunk)
+        elif suffix == ".npz":
+            try:
+                archive = opened.enter_context(zipfile.ZipFile(p))
+            except zipfile.BadZipFile:
+                raise InputError(f"{path} is not a readable .npz (not a zip archive)",
+                                 "write it again with np.savez") from None
+            arrays = {name[:-4]: _NpyArray(opened.enter_context(archive.open(name)), f"{path}:{name}")
+                      for name in archive.namelist() if name.endswith(".npy")}
+            blocks = _blocks_from_arrays(lambda k, a, b: arrays[k][a:b], arrays, path, None, chunk)
+        elif suffix in (".h5", ".hdf5"):
+            import h5py
 
-        handle = h5py.File(p, "r")
-        blocks = _blocks_from_arrays(lambda k, a, b: handle[k][a:b], handle, path, None, chunk)
-    elif suffix == ".pt":
-        from cai.model.pickle_safe import load_pt, tensor_dataset_arrays
+            handle = opened.enter_context(h5py.File(p, "r"))
+            blocks = _blocks_from_arrays(lambda k, a, b: handle[k][a:b], handle, path, None, chunk)
+        elif suffix == ".pt":
+            from cai.model.pickle_safe import load_pt, tensor_dataset_arrays
 
-        tensors = tensor_dataset_arrays(load_pt(str(p)))
-        if len(tensors) < 2:
-            raise InputError(f"{path} holds {len(tensors)} tensors, expected images, magnitudes[, redshifts]")
-        arrays = dict(zip(("images", "magnitudes", "redshifts"), tensors))
-        blocks = _blocks_from_arrays(lambda k, a, b: arrays[k][a:b], arrays, path, None, chunk)
-    elif suffix == SUFFIX:
-        galaxies = decode(p.read_bytes(), str(p))
-        yield from (galaxies.slice(i, i + chunk) for i in range(0, len(galaxies), chunk))
-        return
-    elif suffix in (".train", ".test", ".txt", ".cat", ".dat"):
-        from cai.catalog import read_sdss_mgs
-        from cai.render import render_catalog
+            tensors = tensor_dataset_arrays(load_pt(str(p)))
+            if len(tensors) < 2:
+                raise InputError(f"{path} holds {len(tensors)} tensors, expected images, magnitudes[, redshifts]")
+            arrays = dict(zip(("images", "magnitudes", "redshifts"), tensors))
+            blocks = _blocks_from_arrays(lambda k, a, b: arrays[k][a:b], arrays, path, None, chunk)
+        elif suffix == SUFFIX:
+            galaxies = decode(p.read_bytes(), str(p))
+            yield from (galaxies.slice(i, i + chunk) for i in range(0, len(galaxies), chunk))
+            return
+        elif suffix in (".train", ".test", ".txt", ".cat", ".dat"):
+            from cai.catalog import read_sdss_mgs
+            from cai.render import render_catalog
 
-        catalog = read_sdss_mgs(str(p))
-        for start in range(0, len(catalog["object_id"]), chunk):
-            part = {k: v[start:start + chunk] for k, v in catalog.items()}
-            r = render_catalog(part, seed=render_seed + start)
-            yield Galaxies(r["images"], r["magnitudes"], r["redshifts"], r["object_id"])
-        return
-    else:
-        raise InputError(f"unknown source type {p.name}",
-                         "give a .npz, .h5/.hdf5, .pt, .safetensors, a folder of .npy or an SDSS_MGS catalog")
-    for block, start, _ in blocks:
-        yield _check_block(block, path, start, id_offset)
+            catalog = read_sdss_mgs(str(p))
+            for start in range(0, len(catalog["object_id"]), chunk):
+                part = {k: v[start:start + chunk] for k, v in catalog.items()}
+                r = render_catalog(part, seed=render_seed + start)
+                yield Galaxies(r["images"], r["magnitudes"], r["redshifts"], r["object_id"])
+            return
+        else:
+            raise InputError(f"unknown source type {p.name}",
+                             "give a .npz, .h5/.hdf5, .pt, .safetensors, a folder of .npy or an SDSS_MGS catalog")
+        for block, start, _ in blocks:
+            yield _check_block(block, path, start, id_offset)
 
 
 # --- partitioning ----------------------------------------------------------------------------

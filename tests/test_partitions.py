@@ -72,6 +72,70 @@ def test_sources_stream_into_partitions_with_ids_and_manifest(tmp_path):
     assert sum(labelled) == 50  # the h5 and npy galaxies have no redshift
 
 
+@pytest.mark.parametrize("kind", ["npz", "npz_compressed", "npy", "h5"])
+def test_sources_are_read_a_block_at_a_time_never_whole(tmp_path, kind):
+    g = galaxies(45)
+    arrays = {"images": g.images, "magnitudes": g.magnitudes, "redshifts": g.redshifts}
+    if kind == "npz":
+        np.savez(tmp_path / "s.npz", **arrays)
+    elif kind == "npz_compressed":
+        np.savez_compressed(tmp_path / "s.npz", **arrays)
+    elif kind == "npy":
+        (tmp_path / "s").mkdir()
+        for name, array in arrays.items():
+            np.save(tmp_path / "s" / f"{name}.npy", array)
+    else:
+        with h5py.File(tmp_path / "s.h5", "w") as h5:
+            for name, array in arrays.items():
+                h5[name] = array
+    source = str(tmp_path / {"npy": "s", "h5": "s.h5"}.get(kind, "s.npz"))
+
+    blocks = list(read_source(source, chunk=10))
+    assert [len(b) for b in blocks] == [10, 10, 10, 10, 5]  # only one block's rows were ever read
+    np.testing.assert_array_equal(np.concatenate([b.images for b in blocks]), g.images)
+    np.testing.assert_array_equal(np.concatenate([b.magnitudes for b in blocks]), g.magnitudes)
+    np.testing.assert_array_equal(np.concatenate([b.redshifts for b in blocks]), g.redshifts)
+
+
+@pytest.mark.parametrize("kind", ["npz", "npy"])
+def test_npy_reads_never_ask_for_more_than_a_block(tmp_path, monkeypatch, kind):
+    from cai import partitions
+
+    g = galaxies(30)
+    if kind == "npz":
+        np.savez(tmp_path / "s.npz", images=g.images, magnitudes=g.magnitudes)
+    else:
+        (tmp_path / "s").mkdir()
+        np.save(tmp_path / "s" / "images.npy", g.images)
+        np.save(tmp_path / "s" / "magnitudes.npy", g.magnitudes)
+    asked = []
+    original = partitions._NpyArray.__getitem__
+
+    def counted(self, rows):
+        block = original(self, rows)
+        asked.append(len(block))
+        return block
+
+    monkeypatch.setattr(partitions._NpyArray, "__getitem__", counted)
+    source = tmp_path / ("s.npz" if kind == "npz" else "s")
+    assert sum(len(b) for b in read_source(str(source), chunk=8)) == 30
+    assert asked and max(asked) <= 8  # not even the length of the images is found by reading them
+
+
+def test_truncated_npy_source_is_named(tmp_path):
+    (tmp_path / "s").mkdir()
+    g = galaxies(20)
+    np.save(tmp_path / "s" / "images.npy", g.images)
+    np.save(tmp_path / "s" / "magnitudes.npy", g.magnitudes)
+    data = (tmp_path / "s" / "images.npy").read_bytes()
+    (tmp_path / "s" / "images.npy").write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="images.npy is truncated"):
+        list(read_source(str(tmp_path / "s"), chunk=8))
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(InputError, match="not a readable .npz"):
+        list(read_source(str(tmp_path / "bad.npz")))
+
+
 def test_source_errors_name_the_problem(tmp_path):
     np.savez(tmp_path / "x.npz", pictures=np.zeros((2, 5, 32, 32)))
     with pytest.raises(InputError, match="no images array"):
