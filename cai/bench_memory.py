@@ -1,8 +1,8 @@
 """Constant memory, shown: the same run on N and on k*N galaxies, peak RSS of each.
 
 Each run is a fresh ``cai run --workers 1`` process (executor in-process, so
-its peak covers partition reading, inference and Summarize), measured with
-``os.wait4``: the kernel's high-water mark of that process alone.
+its peak covers partition reading, inference and Summarize); its peak is the
+kernel's high-water mark (VmHWM) of that process alone.
 """
 
 from __future__ import annotations
@@ -41,14 +41,32 @@ def write_survey(folder: Path, galaxies: int, seed: int = 0) -> Path:
     return folder
 
 
-def _measured(command: list[str]) -> tuple[float, float]:
-    """(peak RSS in MiB, seconds) of one child process."""
+# The measured command runs in this wrapper, which writes its own VmHWM at exit. Not the
+# rusage of os.wait4: a child's ru_maxrss keeps the high-water mark of the process it was
+# spawned from (Linux carries it across exec), so it would report this bench's own peak.
+_PEAK_WRAPPER = """
+import atexit, os, sys
+def _peak():
+    with open("/proc/self/status") as status:
+        kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    with open(os.environ["CAI_PEAK_FILE"], "w") as out:
+        out.write(str(kib))
+atexit.register(_peak)
+from cai.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _measured(args: list[str], folder: Path) -> tuple[float, float]:
+    """(peak RSS in MiB, seconds) of one ``cai ARGS`` process, its own high-water mark alone."""
+    peak_file = folder / "peak.kib"
     started = time.perf_counter()
-    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(child.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{' '.join(command)} failed: {child.stderr.read().decode()[-2000:]}")
-    return usage.ru_maxrss / 1024.0, time.perf_counter() - started
+    child = subprocess.run([sys.executable, "-c", _PEAK_WRAPPER, *args], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, env={**os.environ, "CAI_PEAK_FILE": str(peak_file)})
+    seconds = time.perf_counter() - started
+    if child.returncode != 0:
+        raise RuntimeError(f"cai {' '.join(args)} failed: {child.stderr.decode()[-2000:]}")
+    return int(peak_file.read_text()) / 1024.0, seconds
 
 
 def memory(galaxies: int = 5000, factor: int = 4, model: str | None = None, size_mb: float = 25,
@@ -62,11 +80,10 @@ def memory(galaxies: int = 5000, factor: int = 4, model: str | None = None, size
         for n in (galaxies, galaxies * factor):
             source = write_survey(Path(tmp) / f"src-{n}", n)
             parts, out = Path(tmp) / f"parts-{n}", Path(tmp) / f"out-{n}"
-            cai = [sys.executable, "-m", "cai"]
-            part_mb, part_s = _measured(cai + ["partition", str(source), "--size-mb", str(size_mb),
-                                               "--out", str(parts)])
-            run_mb, run_s = _measured(cai + ["run", "--data", str(parts), "--model", onnx, "--out", str(out),
-                                             "--workers", "1", "--batch-size", str(batch_size)])
+            part_mb, part_s = _measured(["partition", str(source), "--size-mb", str(size_mb),
+                                         "--out", str(parts)], Path(tmp))
+            run_mb, run_s = _measured(["run", "--data", str(parts), "--model", onnx, "--out", str(out),
+                                       "--workers", "1", "--batch-size", str(batch_size)], Path(tmp))
             rows.append({"galaxies": n, "dataset_mb": round(n * 20532 / 2**20, 1),
                          "partition_peak_mb": round(part_mb, 1), "run_peak_mb": round(run_mb, 1),
                          "run_seconds": round(run_s, 1)})
