@@ -25,6 +25,16 @@ DEFAULT_MODEL = REPO / "model" / "astromae-demo.safetensors"
 BACKENDS = ("local", "emulated", "aws")
 
 
+def shown(path) -> str:
+    """A path as the user would type it: relative to the working folder when it lies inside it."""
+    if "://" in str(path):
+        return str(path)
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def is_partition_folder(path: Path) -> bool:
     return path.is_dir() and ((path / MANIFEST).is_file() or any(path.glob(f"*{SUFFIX}")))
 
@@ -36,7 +46,7 @@ def prepare_partitions(data: list[str], out: Path, size_mb: float) -> Path:
     target = (out / "partitions").resolve()
     for stale in target.glob(f"*{SUFFIX}"):
         stale.unlink()  # a smaller dataset must not inherit the last run's extra partitions
-    log.info("partitioning %s into %s (%s MB partitions)", ", ".join(map(str, data)), target, size_mb)
+    log.info("partitioning %s into %s (%s MB partitions)", ", ".join(map(shown, data)), shown(target), size_mb)
     write_partitions(data, LocalStore(target), "", size_mb)
     return target
 
@@ -110,5 +120,5 @@ def describe(summary: dict, outputs: dict) -> str:
         lines.append(f"FAILED {failure['partition']} ({failure['galaxies']} galaxies): {failure['reason']}")
     for rejected in summary["rejected_galaxies"][:10]:
         lines.append(f"REJECTED galaxy {rejected['object_id']} in {rejected['partition']}: {rejected['reason']}")
-    lines.append("outputs: " + ", ".join(outputs.values()))
+    lines.append("outputs: " + ", ".join(shown(path) for path in outputs.values()))
     return "\n".join(lines)
