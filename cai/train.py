@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import platform
 import subprocess
 import time
@@ -31,22 +32,37 @@ from cai import metrics, render
 from cai.catalog import read_sdss_mgs, subset
 from cai.model.astromae import AstroMAE
 from cai.model.weights import file_sha256, load_model, read_metadata, save_weights
+from cai.train_defaults import DEFAULTS
 
 TRAINABLE = 10_398_057  # the paper's count with the encoder frozen
 RENDER_SEED_OFFSET = {"train": 1000, "test": 2000}  # train and test renders never share noise
 
-DEFAULTS = {
-    "epochs": 30,  # stage 1: everything but the Inception convs, on cached features
-    "finetune_epochs": 1,  # stage 2: all trainable parameters, on images
-    "batch_size": 128,
-    "lr": 1e-3,
-    "finetune_lr": 1e-4,
-    "weight_decay": 1e-4,
-    "warmup_epochs": 1,
-    "val_fraction": 0.1,
-    "huber_dz": 0.02,  # quadratic below |dz| = 0.02, linear above: robust to outliers
-    "threads": 2,
-}
+# Kernels are chosen by the CPU's instruction set, and each choice rounds differently: from the same
+# seed an AVX-512 machine and an AVX2 one train different weights (seen here, and Adam amplifies the
+# last bits into different epochs chosen). Every x86-64 server of the last decade has AVX2, so pin it.
+KERNEL_PINS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2,STRICT"}
+
+
+def pin_kernels() -> dict:
+    """Pin torch's, oneDNN's and MKL's x86-64 kernels to AVX2 for this process (``cai train`` does).
+
+    Takes effect only before the process runs its first torch kernel: torch and the libraries read
+    these variables once. A variable already set is left as it is. Returns ``kernel_state()``.
+    """
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        for name, value in KERNEL_PINS.items():
+            os.environ.setdefault(name, value)
+    return kernel_state()
+
+
+def kernel_state() -> dict:
+    """Which kernels this process runs, and whether they are the pinned ones."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return {"cpu_capability": capability, "pinned": False,
+                "note": "not x86-64: the weights reproduce on the same CPU kind"}
+    pinned = capability == "AVX2" and all(os.environ.get(k) == v for k, v in KERNEL_PINS.items())
+    return {"cpu_capability": capability, "pinned": pinned, **{k: os.environ.get(k) for k in KERNEL_PINS}}
 
 
 def _git_commit() -> str | None:
@@ -255,6 +271,10 @@ def train(train_catalog_path, out_path, seed: int = 0, limit: int | None = None,
     if unknown:
         raise TypeError(f"unknown training options {sorted(unknown)}; known: {sorted(DEFAULTS)}")
     started = time.time()
+    kernels = kernel_state()
+    if not kernels["pinned"]:
+        log(f"warning: kernels not pinned to AVX2 (this process runs {kernels['cpu_capability']}): the "
+            "weights reproduce on this CPU kind only; `cai train` pins them, or call pin_kernels() first")
     seed_everything(seed, settings["threads"])
 
     # data: render the whole training file, then split off validation
@@ -340,7 +360,7 @@ def train(train_catalog_path, out_path, seed: int = 0, limit: int | None = None,
                  if render.CALIBRATION_NPZ.exists() else None},
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "numpy": np.__version__, "safetensors": safetensors.__version__,
-                     "git_commit": _git_commit()},
+                     "git_commit": _git_commit(), "kernels": kernels},
         "timing_s": {"render": round(render_s, 1), "encode": round(encode_s, 1), "total": round(wall_s, 1)},
         "weights": {"path": str(out_path), "dtype": "float16", "sha256": file_sha256(out_path),
                     "size_mb": round(out_path.stat().st_size / 1e6, 2)},

@@ -35,6 +35,40 @@ def test_tiny_training_run_writes_loadable_weights_and_settings(tmp_path):
     assert result["test"]["labelled"] == 50
 
 
+def test_same_seed_same_weights_other_seed_other_weights(tmp_path):
+    from safetensors.numpy import load_file
+
+    def weights(seed, name):
+        out = tmp_path / name / "demo.safetensors"
+        record = train.train(TRAIN, out, seed=seed, limit=120, epochs=1, finetune_epochs=1, batch_size=64,
+                             log=lambda _: None)
+        return record["model_version"], load_file(str(out))
+
+    version, tensors = weights(0, "a")
+    again, tensors_again = weights(0, "b")
+    # every tensor bit for bit (seeded render, init, split and batches; deterministic ops), so the same
+    # version; not the file's sha256: safetensors writes the metadata keys in a random order
+    assert again == version
+    assert all((tensors[k] == tensors_again[k]).all() for k in tensors)
+    assert weights(1, "c")[0] != version
+
+
+def test_cai_train_pins_the_kernels_so_other_cpus_train_the_same_weights(tmp_path):
+    import platform
+    import subprocess
+    import sys
+
+    out = tmp_path / "demo.safetensors"
+    subprocess.run([sys.executable, "-m", "cai", "train", "--limit", "80", "--epochs", "1", "--finetune-epochs", "0",
+                    "--test-catalog", "none", "--out", str(out)], check=True, capture_output=True)
+    kernels = json.loads((tmp_path / "train-settings.json").read_text())["versions"]["kernels"]
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert kernels["pinned"] and kernels["cpu_capability"] == "AVX2"
+        assert {k: kernels[k] for k in train.KERNEL_PINS} == train.KERNEL_PINS
+    else:
+        assert not kernels["pinned"]
+
+
 def test_frozen_encoder_leaves_the_paper_trainable_count():
     assert train.freeze_encoder(AstroMAE()) == 10_398_057
 

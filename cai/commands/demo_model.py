@@ -21,7 +21,7 @@ def register(subparsers) -> None:
     render.add_argument("--seed", type=int, default=0, help="render seed (default 0)")
     render.set_defaults(func=run_render)
 
-    from cai.train import DEFAULTS  # torch imports are slow; only the train parser needs them
+    from cai.train_defaults import DEFAULTS  # not cai.train: every cai command would import torch
 
     train = subparsers.add_parser(
         "train", help="train the demo weights on SDSS_MGS.train and score them on SDSS_MGS.test",
@@ -51,7 +51,9 @@ def run_render(args) -> int:
 
 def run_train(args) -> int:
     from cai import train
-    from cai.train import DEFAULTS
+    from cai.train_defaults import DEFAULTS
+
+    train.pin_kernels()  # before torch runs a kernel, so any x86-64 machine trains the same weights
 
     options = {name: getattr(args, name) for name in DEFAULTS}
     record = train.train(args.catalog, args.out, seed=args.seed, limit=args.limit,
