@@ -83,8 +83,12 @@ def run(data: list[str] | None = None, model: str | None = None, out: str = "res
         summary, csv_bytes = aws.run(data=data, model=model, settings=settings, workdir=out_dir, size_mb=size_mb,
                                      **aws_options)
     else:
+        missing = [d for d in data or [] if not Path(d).exists()]
+        if missing:
+            raise InputError(f"no such data: {', '.join(missing)}",
+                             "give partitions (a folder) or source files: .npz, .h5, .pt, a folder of .npy, a catalog")
+        model_path = prepare_model(model, runtime)  # before partitioning: a bad model fails at once
         partitions = prepare_partitions(data or [str(DEFAULT_DATA)], out_dir, size_mb)
-        model_path = prepare_model(model, runtime)
         if backend == "local":
             from cai.backends import local
 

@@ -139,3 +139,14 @@ def test_unloadable_model_fails_every_partition_with_its_reason(dataset, tmp_pat
     assert summary["partitions_failed"] == 2 and summary["galaxies_predicted"] == 0
     assert all("broken.onnx" in f["reason"] for f in summary["failed_partitions"])
     assert summary["galaxies"] == summary["galaxies_failed"] == 150
+
+
+def test_cai_run_checks_data_and_model_before_writing_anything(tmp_path, dataset):
+    from cai.errors import InputError
+    from cai.run import run
+
+    with pytest.raises(InputError, match=r"no such data: .*missing\.npz"):
+        run(data=[str(dataset), str(tmp_path / "missing.npz")], out=str(tmp_path / "out"), progress=False)
+    with pytest.raises(InputError, match=r"no model file .*nope\.onnx"):
+        run(data=[str(dataset)], model=str(tmp_path / "nope.onnx"), out=str(tmp_path / "out"), progress=False)
+    assert not (tmp_path / "out" / "partitions").exists()  # nothing partitioned for a run that cannot start
