@@ -129,6 +129,12 @@ def test_state_machine_is_the_asl_file_with_a_distributed_map(template):
     assert reader["Resource"] == "arn:aws:states:::s3:getObject" and reader["ReaderConfig"]["InputType"] == "JSON"
     assert machine["StateMachineType"] == "STANDARD"
     assert machine["StateMachineName"] == "cai-dev"
+    # the Map gathers its children's outputs into one 256 KiB state: each child returns a few bytes only,
+    # and the gathered list is dropped before Summarize
+    task = executors["ItemProcessor"]["States"]["CosmicExecutor"]
+    assert task["ResultSelector"] == {"ok.$": "$.Payload.ok"} and "OutputPath" not in task
+    assert executors["ResultPath"] is None
+    assert len(json.dumps([{"ok": 1000}] * 10_000)) < 256 * 1024
 
 
 def test_outputs_name_what_cai_and_sls_invoke_read(template):
