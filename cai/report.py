@@ -73,7 +73,7 @@ def _metric_lines(summary: dict, labelled: int):
     return [
         f"galaxies  {labelled:,}",
         f"NMAD      {fmt('nmad', '.4f')}",
-        f"bias      {fmt('bias', '+.4f')}",
+        f"bias      {fmt('bias', '+.2g')}",
         f"outliers  {fmt('outlier_fraction', '.2%')}",
         f"MAE       {fmt('mae', '.4f')}",
         f"MSE       {fmt('mse', '.2e')}",

@@ -115,7 +115,7 @@ def describe(summary: dict, outputs: dict) -> str:
         f"galaxies {summary['galaxies']:,}: {summary['galaxies_predicted']:,} predicted, "
         f"{summary['galaxies_failed']:,} failed ({summary['partitions_failed']} of {summary['partitions']} "
         f"partitions failed, {summary['galaxies_rejected']} galaxies rejected)",
-        f"NMAD {num('nmad', '.4f')}  bias {num('bias', '+.4f')}  outliers {num('outlier_fraction', '.2%')}  "
+        f"NMAD {num('nmad', '.4f')}  bias {num('bias', '+.2g')}  outliers {num('outlier_fraction', '.2%')}  "
         f"MAE {num('mae', '.4f')}  MSE {num('mse', '.2e')}  R^2 {num('r2', '.4f')}",
         f"{num('wall_seconds', '.1f')} s wall, {num('galaxies_per_second', ',.0f')} galaxies/s, "
         f"{(summary.get('throughput_bps') or 0) / 1e6:,.1f} Mbit/s",
