@@ -235,17 +235,28 @@ def keys(s3, prefix=""):
     return sorted(o["Key"] for o in s3.list_objects_v2(Bucket="cai-data", Prefix=prefix).get("Contents", []))
 
 
-def test_upload_puts_partitions_and_model_in_the_stacks_bucket(stack, partitions, onnx_model):
+def test_upload_puts_partitions_and_model_in_the_stacks_bucket(stack, partitions, onnx_model, tmp_path):
     from cai.cli import main
 
     assert main(["upload", str(partitions), str(onnx_model), "--stack", "cai-dev", "--prefix", "surveys/a"]) == 0
+    from cai.model.weights import file_sha256
+
     uploaded = keys(stack)
-    assert f"models/{onnx_model.name}" in uploaded
+    model_key = f"models/{file_sha256(onnx_model)[:16]}/{onnx_model.name}"
+    assert model_key in uploaded
     assert [k for k in uploaded if k.startswith("surveys/a/")] == \
         sorted(f"surveys/a/{p.name}" for p in partitions.iterdir())
     assert main(["upload", str(onnx_model), "--stack", "cai-dev"]) == 0  # a model alone keeps the data's record
     last = json.loads(stack.get_object(Bucket="cai-data", Key="uploads/last.json")["Body"].read())
-    assert last == {"partition_prefix": "surveys/a/", "model_key": f"models/{onnx_model.name}"}
+    assert last == {"partition_prefix": "surveys/a/", "model_key": model_key}
+
+    # other weights under the same file name: a new key, never the stale model
+    changed = tmp_path / onnx_model.name
+    changed.write_bytes(onnx_model.read_bytes() + b"\0")
+    assert main(["upload", str(changed), "--stack", "cai-dev"]) == 0
+    last = json.loads(stack.get_object(Bucket="cai-data", Key="uploads/last.json")["Body"].read())
+    assert last["model_key"] != model_key and last["model_key"].endswith(f"/{onnx_model.name}")
+    assert stack.get_object(Bucket="cai-data", Key=last["model_key"])["Body"].read() == changed.read_bytes()
 
 
 def test_payload_is_what_initialize_accepts_for_the_uploaded_data(stack, partitions, onnx_model, tmp_path):

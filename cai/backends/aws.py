@@ -128,7 +128,8 @@ def upload_partitions(data: list[str], store: S3Store, workdir: str | Path, size
 
 def upload_model(model: str | None, store: S3Store, runtime: str = "onnxruntime",
                  prefix: str = "models/") -> str:
-    """The model's key in the bucket: an ``s3://`` one as is, else the file the runtime loads, uploaded once.
+    """The model's key in the bucket: an ``s3://`` one as is, else the file the runtime loads, uploaded once
+    under ``models/<sha256 prefix>/<name>``.
 
     Weights are exported to ONNX here for the onnxruntime runtime, since the Lambda has no torch to do it.
     """
@@ -136,8 +137,12 @@ def upload_model(model: str | None, store: S3Store, runtime: str = "onnxruntime"
 
     if model and str(model).startswith("s3://"):
         return split_location(str(model))[1]
+    from cai.model.weights import file_sha256
+
     path = prepare_model(model, runtime)
-    model_key = prefix + path.name
+    # keyed by content: changed weights under the same file name get a new key, so neither this
+    # bucket nor a warm executor (which caches the model by key in /tmp) can serve the old ones
+    model_key = f"{prefix}{file_sha256(path)[:16]}/{path.name}"
     if not store.exists(model_key):
         upload_file(path, store, model_key)
         log.info("uploaded %s to s3://%s/%s", path, store.bucket, model_key)
