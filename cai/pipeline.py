@@ -67,6 +67,17 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
 
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux): on a cold Lambda, about its INIT phase, which is billed."""
+    try:
+        with open("/proc/self/stat") as stat:
+            started_ticks = int(stat.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        with open("/proc/uptime") as uptime:
+            return max(0.0, float(uptime.read().split()[0]) - started_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def partition_name(key: str, prefix: str) -> str:
     """A partition's name under the run: its key below the prefix, without the suffix."""
     name = key[len(prefix):] if key.startswith(prefix) else key
@@ -266,6 +277,7 @@ def execute(event: dict, store=None, context=None) -> dict:
     store = store or open_store(run["bucket"])
     executor = item.get("executor", 0)
     cold = not _ENGINES
+    init_seconds = (process_age_s() or 0.0) if cold else 0.0
     engine, engine_error, load_seconds = None, None, 0.0
     try:
         t = time.perf_counter()
@@ -279,6 +291,7 @@ def execute(event: dict, store=None, context=None) -> dict:
     memory = getattr(context, "memory_limit_in_mb", None)
     store.put(f"{run['result_prefix']}executors/{executor:06d}.json", json.dumps({
         "executor": executor, "seconds": duration, "model_load_seconds": load_seconds, "cold_start": cold,
+        "init_seconds": init_seconds,
         "memory_mb": int(memory) if memory else None,
         "request_id": getattr(context, "aws_request_id", None),
         "partitions": [r["partition"] for r in records], "peak_memory_mb": round(peak_memory_mb(), 1),
@@ -302,12 +315,16 @@ def _bill(executors: list[dict], architecture: str) -> dict:
         return {"cost_usd": None, "note": "not run on Lambda: no configured memory to bill"}
     price = float(os.environ.get("CAI_PRICE_GB_S", PRICE_GB_S.get(architecture, PRICE_GB_S["x86_64"])))
     request = float(os.environ.get("CAI_PRICE_REQUEST", PRICE_REQUEST))
-    # Lambda bills whole milliseconds of *configured* memory, not the memory used
-    gb_s = sum(math.ceil(e["seconds"] * 1000) / 1000 * (e["memory_mb"] or 0) / 1024 for e in executors)
+    # Lambda bills whole milliseconds of *configured* memory, not the memory used, and a cold
+    # container's start-up (imports, layer set-up) as well as the call itself
+    gb_s = sum(math.ceil((e["seconds"] + e.get("init_seconds", 0.0)) * 1000) / 1000 * (e["memory_mb"] or 0) / 1024
+               for e in executors)
+    init_s = sum(e.get("init_seconds", 0.0) for e in executors)
     return {"invocations": len(executors), "memory_mb": sorted(memories), "architecture": architecture,
-            "gb_seconds": round(gb_s, 3), "price_per_gb_s": price,
+            "gb_seconds": round(gb_s, 3), "init_seconds": round(init_s, 3), "price_per_gb_s": price,
             "cost_usd": round(gb_s * price + len(executors) * request, 6),
-            "note": "executor calls only, from their measured duration times configured memory"}
+            "note": "executor calls only: measured duration, plus each cold container's start-up, "
+                    "times configured memory"}
 
 
 def summarize(plan: dict, store=None) -> dict:

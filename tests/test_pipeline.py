@@ -150,3 +150,16 @@ def test_cai_run_checks_data_and_model_before_writing_anything(tmp_path, dataset
     with pytest.raises(InputError, match=r"no model file .*nope\.onnx"):
         run(data=[str(dataset)], model=str(tmp_path / "nope.onnx"), out=str(tmp_path / "out"), progress=False)
     assert not (tmp_path / "out" / "partitions").exists()  # nothing partitioned for a run that cannot start
+
+
+def test_lambda_bill_is_configured_memory_whole_milliseconds_and_cold_starts(monkeypatch):
+    monkeypatch.delenv("CAI_PRICE_GB_S", raising=False)
+    monkeypatch.delenv("CAI_PRICE_REQUEST", raising=False)
+    executors = [{"seconds": 1.0004, "init_seconds": 0.5, "memory_mb": 2048},  # cold: 1,501 ms billed
+                 {"seconds": 2.0, "init_seconds": 0.0, "memory_mb": 2048}]
+    bill = pipeline._bill(executors, "x86_64")
+    assert bill["gb_seconds"] == pytest.approx(1.501 * 2 + 2.0 * 2)
+    assert bill["init_seconds"] == pytest.approx(0.5)
+    assert bill["cost_usd"] == pytest.approx(7.002 * 0.0000166667 + 2 * 0.20e-6, abs=1e-6)
+    assert pipeline._bill(executors, "arm64")["price_per_gb_s"] == pytest.approx(0.8 * 0.0000166667, rel=1e-4)
+    assert pipeline._bill([{"seconds": 1.0, "memory_mb": None}], "x86_64")["cost_usd"] is None  # not on Lambda
