@@ -297,6 +297,9 @@ class EmulatedAWS:
             self._quiet("werkzeug", logging.WARNING)
             self._quiet("moto.stepfunctions.parser", logging.CRITICAL)
             self._quiet("botocore", logging.WARNING)  # "Found credentials ..." once per handler client
+            # the interpreter's Map threads share clients of 10 pooled connections; a discarded extra
+            # connection costs nothing, but urllib3 warns of each one
+            self._quiet("urllib3.connectionpool", logging.ERROR)
 
         # a cached default session may hold credentials or a region from before
         boto3.DEFAULT_SESSION = None
