@@ -277,7 +277,10 @@ def execute(event: dict, store=None, context=None) -> dict:
     store = store or open_store(run["bucket"])
     executor = item.get("executor", 0)
     cold = not _ENGINES
-    init_seconds = (process_age_s() or 0.0) if cold else 0.0
+    # a Lambda container is one process, so its age at the first call is its start-up; a pool
+    # worker or the emulator (every "Lambda" in one process) has no such start-up to bill
+    on_lambda = bool(os.environ.get("AWS_LAMBDA_FUNCTION_NAME"))
+    init_seconds = (process_age_s() or 0.0) if cold and on_lambda else 0.0
     engine, engine_error, load_seconds = None, None, 0.0
     try:
         t = time.perf_counter()

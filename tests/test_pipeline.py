@@ -163,3 +163,28 @@ def test_lambda_bill_is_configured_memory_whole_milliseconds_and_cold_starts(mon
     assert bill["cost_usd"] == pytest.approx(7.002 * 0.0000166667 + 2 * 0.20e-6, abs=1e-6)
     assert pipeline._bill(executors, "arm64")["price_per_gb_s"] == pytest.approx(0.8 * 0.0000166667, rel=1e-4)
     assert pipeline._bill([{"seconds": 1.0, "memory_mb": None}], "x86_64")["cost_usd"] is None  # not on Lambda
+
+
+def test_a_cold_lambda_container_records_its_start_up_and_a_warm_one_does_not(dataset, onnx_model, tmp_path,
+                                                                               monkeypatch):
+    from types import SimpleNamespace
+
+    parts = tmp_path / "parts"
+    make_partitions(dataset, parts)
+    plan = pipeline.initialize(payload(parts, onnx_model, tmp_path / "run"))
+    context = SimpleNamespace(memory_limit_in_mb="10240", aws_request_id="r")
+    item = json.loads((tmp_path / "run" / "work_list.json").read_text())[0]
+    monkeypatch.setattr(pipeline, "_ENGINES", {})  # a new container
+    monkeypatch.setenv("AWS_LAMBDA_FUNCTION_NAME", "cai-dev-cosmicExecutor")
+
+    pipeline.execute({"run": plan["run"], "item": item}, context=context)
+    cold = json.loads((tmp_path / "run" / "executors" / "000000.json").read_text())
+    assert cold["cold_start"] and cold["init_seconds"] > 0  # this process started before the call
+    pipeline.execute({"run": plan["run"], "item": item}, context=context)
+    warm = json.loads((tmp_path / "run" / "executors" / "000000.json").read_text())
+    assert not warm["cold_start"] and warm["init_seconds"] == 0
+
+    monkeypatch.setattr(pipeline, "_ENGINES", {})
+    monkeypatch.delenv("AWS_LAMBDA_FUNCTION_NAME")  # a pool worker or the emulator: no container start-up
+    pipeline.execute({"run": plan["run"], "item": item}, context=context)
+    assert json.loads((tmp_path / "run" / "executors" / "000000.json").read_text())["init_seconds"] == 0
