@@ -114,6 +114,13 @@ class S3Store:
         except Exception as exc:
             raise self._fail(exc, key, "write") from exc
 
+    def upload(self, path: str | os.PathLike, key: str) -> None:
+        """A local file to ``key``, in parts when it is large (boto3's managed transfer)."""
+        try:
+            self.client.upload_file(str(path), self.bucket, key)
+        except Exception as exc:  # boto3 wraps S3's answer in S3UploadFailedError; keep S3's code
+            raise self._fail(exc.__cause__ or exc.__context__ or exc, key, f"upload {path} to") from exc
+
     def exists(self, key: str) -> bool:
         try:
             self.client.head_object(Bucket=self.bucket, Key=key)

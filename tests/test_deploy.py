@@ -259,6 +259,24 @@ def test_upload_puts_partitions_and_model_in_the_stacks_bucket(stack, partitions
     assert stack.get_object(Bucket="cai-data", Key=last["model_key"])["Body"].read() == changed.read_bytes()
 
 
+def test_upload_failures_and_a_missing_stack_are_named_errors(stack, onnx_model, monkeypatch):
+    from cai.backends.aws import stack_outputs
+    from cai.errors import CaiError, StoreError
+    from cai.store import S3Store
+
+    with pytest.raises(StoreError, match=r"cannot upload .* to s3://no-such-bucket/models/m.onnx: NoSuchBucket"):
+        S3Store("no-such-bucket", stack).upload(onnx_model, "models/m.onnx")
+    with pytest.raises(CaiError, match=r"cannot read stack 'cai-prod'.*npx sls deploy"):
+        stack_outputs("cai-prod")
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(CaiError, match=r"Unable to locate credentials.*aws configure"):
+        stack_outputs("cai-dev")
+
+
 def test_payload_is_what_initialize_accepts_for_the_uploaded_data(stack, partitions, onnx_model, tmp_path):
     from cai import deploy, pipeline
     from cai.cli import main

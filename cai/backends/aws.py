@@ -39,9 +39,20 @@ def stack_outputs(stack: str, region: str | None = None, profile: str | None = N
     try:
         stacks = client.describe_stacks(StackName=stack)["Stacks"]
     except Exception as exc:
-        raise AwsRunError(f"cannot read stack {stack!r}: {exc}",
-                          "deploy it with `npx sls deploy`, or give --stack and --region of your deployment") from exc
+        raise AwsRunError(f"cannot read stack {stack!r}: {exc}", _stack_hint(exc)) from exc
     return {o["OutputKey"]: o["OutputValue"] for o in stacks[0].get("Outputs", [])}
+
+
+def _stack_hint(exc: Exception) -> str:
+    from botocore.exceptions import EndpointConnectionError, NoCredentialsError, NoRegionError
+
+    if isinstance(exc, NoCredentialsError):
+        return "configure AWS credentials: `aws configure`, or AWS_PROFILE / --profile"
+    if isinstance(exc, NoRegionError):
+        return "give --region (or set AWS_REGION)"
+    if isinstance(exc, EndpointConnectionError):
+        return "AWS cannot be reached: check --region and the network"
+    return "deploy it with `npx sls deploy`, or give --stack and --region of your deployment"
 
 
 def upload_folder(folder: Path, store: S3Store, prefix: str) -> int:
@@ -50,14 +61,8 @@ def upload_folder(folder: Path, store: S3Store, prefix: str) -> int:
 
     files = [p for p in sorted(Path(folder).rglob("*")) if p.is_file() and not p.name.startswith(".")]
     with ThreadPoolExecutor(8) as pool:  # partitions are tens of MB: a few in flight fill the link
-        list(pool.map(lambda p: store.client.upload_file(
-            str(p), store.bucket, prefix + p.relative_to(folder).as_posix()), files))
+        list(pool.map(lambda p: store.upload(p, prefix + p.relative_to(folder).as_posix()), files))
     return len(files)
-
-
-def upload_file(path: Path, store: S3Store, key: str) -> str:
-    store.client.upload_file(str(path), store.bucket, key)
-    return key
 
 
 def follow(sfn, execution_arn: str, poll_s: float = 5.0, timeout_s: float | None = None) -> dict:
@@ -144,7 +149,7 @@ def upload_model(model: str | None, store: S3Store, runtime: str = "onnxruntime"
     # bucket nor a warm executor (which caches the model by key in /tmp) can serve the old ones
     model_key = f"{prefix}{file_sha256(path)[:16]}/{path.name}"
     if not store.exists(model_key):
-        upload_file(path, store, model_key)
+        store.upload(path, model_key)
         log.info("uploaded %s to s3://%s/%s", path, store.bucket, model_key)
     return model_key
 
