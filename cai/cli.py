@@ -45,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     except CaiError as exc:
         print(f"cai {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a folder that cannot be written, a full disk: the path says what to fix
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"cai {args.command}: error: cannot use{where}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"cai {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -158,3 +158,14 @@ def test_64_pixel_cutouts_are_centre_cropped(tmp_path):
 def test_natural_order():
     keys = ["p/10.pt", "p/2.pt", "p/1.pt", "p/100.pt"]
     assert sorted(keys, key=natural_key) == ["p/1.pt", "p/2.pt", "p/10.pt", "p/100.pt"]
+
+
+def test_cli_names_an_unwritable_destination_without_a_traceback(tmp_path, capsys):
+    from cai.cli import main
+
+    g = galaxies(3)
+    np.savez(tmp_path / "s.npz", images=g.images, magnitudes=g.magnitudes)
+    (tmp_path / "file").write_text("not a folder")
+    assert main(["partition", str(tmp_path / "s.npz"), "--out", str(tmp_path / "file" / "parts")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cai partition: error: cannot use ") and "file/parts" in err and "Traceback" not in err
