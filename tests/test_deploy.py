@@ -129,12 +129,11 @@ def test_state_machine_is_the_asl_file_with_a_distributed_map(template):
     assert reader["Resource"] == "arn:aws:states:::s3:getObject" and reader["ReaderConfig"]["InputType"] == "JSON"
     assert machine["StateMachineType"] == "STANDARD"
     assert machine["StateMachineName"] == "cai-dev"
-    # the Map gathers its children's outputs into one 256 KiB state: each child returns a few bytes only,
-    # and the gathered list is dropped before Summarize
-    task = executors["ItemProcessor"]["States"]["CosmicExecutor"]
-    assert task["ResultSelector"] == {"ok.$": "$.Payload.ok"} and "OutputPath" not in task
+    # 10,000 children's outputs do not fit a 256 KiB state: the Map writes them to the stack's bucket
+    assert executors["ResultWriter"] == {"Resource": "arn:aws:states:::s3:putObject",
+                                         "Parameters": {"Bucket": "${CaiBucketName}", "Prefix": "map-runs"}}
+    assert machine["DefinitionSubstitutions"]["CaiBucketName"] == template["Outputs"]["BucketName"]["Value"]
     assert executors["ResultPath"] is None
-    assert len(json.dumps([{"ok": 1000}] * 10_000)) < 256 * 1024
 
 
 def test_outputs_name_what_cai_and_sls_invoke_read(template):
@@ -181,6 +180,9 @@ def test_no_iam_statement_grants_wildcards_beyond_what_the_service_requires(temp
         if "*" in as_list(statement["Resource"]):
             assert set(actions) <= WILDCARD_RESOURCE_ACTIONS, (role, statement)
         assert not any(str(r).endswith(":::*") for r in as_list(statement["Resource"])), (role, statement)
+    # the Map's ResultWriter may write its own prefix of the bucket, nothing else
+    [writer] = [s for _, s in statements if s.get("Sid") == "WriteMapRunResults"]
+    assert "s3:PutObject" in writer["Action"] and "/map-runs/*" in json.dumps(writer["Resource"])
 
 
 def test_logs_are_kept_for_the_retention_parameter(template):

@@ -82,8 +82,12 @@ def test_emulated_run_executes_the_real_asl_end_to_end():
 
     def download(aws):
         listed = aws.s3.list_objects_v2(Bucket=BUCKET, Prefix="runs/t/partials/")
+        written = aws.s3.list_objects_v2(Bucket=BUCKET, Prefix="map-runs/").get("Contents", [])
+        map_runs.extend(obj["Key"] for obj in written)
         return {obj["Key"]: json.loads(aws.s3.get_object(Bucket=BUCKET, Key=obj["Key"])["Body"].read())
                 for obj in listed["Contents"]}
+
+    map_runs = []
 
     # WHEN the real state machine runs
     run = run_state_machine({"items": ITEMS, "max_concurrency": 2}, toys.handlers(), buckets=[BUCKET],
@@ -96,6 +100,8 @@ def test_emulated_run_executes_the_real_asl_end_to_end():
     assert sorted(run.downloaded) == expected
     assert run.output == {"partials": ITEMS, "keys": expected, "map_error": None}
     assert toys.peak == 2
+    # the Map's ResultWriter wrote to the stack's bucket (moto writes the manifest only)
+    assert len(map_runs) == 1 and map_runs[0].startswith("map-runs/") and map_runs[0].endswith("/manifest.json")
     assert run.peak_concurrency == {"initialize": 1, "cosmicExecutor": 2, "summarize": 1}
     assert [i.function_name for i in run.invocations].count("cosmicExecutor") == ITEMS
     assert all(i.error_type is None for i in run.invocations)

@@ -106,6 +106,11 @@ STATE_PAYLOAD_LIMIT_BYTES = 256 * 1024
 Handler = Callable[[Any, "LambdaContext"], Any]
 
 
+# the deployment fills it with the stack's bucket (serverless.yml, DefinitionSubstitutions)
+BUCKET_PLACEHOLDER = "${CaiBucketName}"
+DEFAULT_BUCKET = "cai-emulated"
+
+
 class EmulatorError(CaiError):
     """The emulator could not start, or an execution did not finish in time."""
 
@@ -188,7 +193,9 @@ class EmulatedAWS:
         handlers: Lambda function name -> ``handler(event, context)``. Each name
             fills the ASL placeholder ``${<Name>FunctionArn}`` (first letter upper-cased).
         asl_path: the state machine definition, placeholders unfilled.
-        buckets: buckets to create.
+        buckets: buckets to create (default ``cai-emulated``); the first is the stack's bucket,
+            which fills the ASL placeholder ``${CaiBucketName}`` (the Map's ResultWriter), as the
+            deployment does.
         region: region of every resource and of the handlers' clients.
         memory_mb: each function's configured memory, as the context reports it.
         timeout_s: each function's timeout; a handler that runs longer is
@@ -222,7 +229,7 @@ class EmulatedAWS:
     ):
         self.handlers = dict(handlers)
         self.asl_path = Path(asl_path)
-        self.buckets = list(buckets)
+        self.buckets = list(buckets) or [DEFAULT_BUCKET]  # a stack always has its bucket
         self.region = region
         self.memory_mb = memory_mb
         self.timeout_s = timeout_s
@@ -420,6 +427,7 @@ class EmulatedAWS:
         for placeholder in _placeholders(definition):
             arn = self.function_arns[_handler_for(placeholder, self.handlers)]
             definition = definition.replace("${" + placeholder + "}", arn)
+        definition = definition.replace(BUCKET_PLACEHOLDER, self.buckets[0])
         try:
             self.state_machine_arn = self.sfn.create_state_machine(
                 name=self.state_machine_name, definition=definition, roleArn=role_arn)["stateMachineArn"]
