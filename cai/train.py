@@ -41,6 +41,7 @@ RENDER_SEED_OFFSET = {"train": 1000, "test": 2000}  # train and test renders nev
 # seed an AVX-512 machine and an AVX2 one train different weights (seen here, and Adam amplifies the
 # last bits into different epochs chosen). Every x86-64 server of the last decade has AVX2, so pin it.
 KERNEL_PINS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2,STRICT"}
+X86_64 = platform.machine().lower() in ("x86_64", "amd64")
 
 
 def pin_kernels() -> dict:
@@ -49,7 +50,7 @@ def pin_kernels() -> dict:
     Takes effect only before the process runs its first torch kernel: torch and the libraries read
     these variables once. A variable already set is left as it is. Returns ``kernel_state()``.
     """
-    if platform.machine().lower() in ("x86_64", "amd64"):
+    if X86_64:
         for name, value in KERNEL_PINS.items():
             os.environ.setdefault(name, value)
     return kernel_state()
@@ -58,7 +59,7 @@ def pin_kernels() -> dict:
 def kernel_state() -> dict:
     """Which kernels this process runs, and whether they are the pinned ones."""
     capability = torch.backends.cpu.get_cpu_capability()
-    if platform.machine().lower() not in ("x86_64", "amd64"):
+    if not X86_64:
         return {"cpu_capability": capability, "pinned": False,
                 "note": "not x86-64: the weights reproduce on the same CPU kind"}
     pinned = capability == "AVX2" and all(os.environ.get(k) == v for k, v in KERNEL_PINS.items())

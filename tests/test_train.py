@@ -54,7 +54,6 @@ def test_same_seed_same_weights_other_seed_other_weights(tmp_path):
 
 
 def test_cai_train_pins_the_kernels_so_other_cpus_train_the_same_weights(tmp_path):
-    import platform
     import subprocess
     import sys
 
@@ -62,7 +61,7 @@ def test_cai_train_pins_the_kernels_so_other_cpus_train_the_same_weights(tmp_pat
     subprocess.run([sys.executable, "-m", "cai", "train", "--limit", "80", "--epochs", "1", "--finetune-epochs", "0",
                     "--test-catalog", "none", "--out", str(out)], check=True, capture_output=True)
     kernels = json.loads((tmp_path / "train-settings.json").read_text())["versions"]["kernels"]
-    if platform.machine().lower() in ("x86_64", "amd64"):
+    if train.X86_64:
         assert kernels["pinned"] and kernels["cpu_capability"] == "AVX2"
         assert {k: kernels[k] for k in train.KERNEL_PINS} == train.KERNEL_PINS
     else:
