@@ -16,9 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cai.run import REPO
-
-CUTOUTS = REPO / "data" / "sdss_dr17_galaxies_32x32.npz"
+from cai.paths import SDSS_CUTOUTS as CUTOUTS
 
 
 def write_survey(folder: Path, galaxies: int, seed: int = 0) -> Path:

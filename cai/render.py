@@ -32,13 +32,14 @@ from pathlib import Path
 
 import numpy as np
 
+from cai import paths
 from cai.errors import InputError
 
 SIZE = 32
 BANDS = ("u", "g", "r", "i", "z")
 ZERO_POINT = 22.5  # nanomaggies
 PIXEL_ARCSEC = 0.396
-CALIBRATION_NPZ = Path(__file__).resolve().parents[1] / "data" / "sdss_dr17_galaxies_32x32.npz"
+CALIBRATION_NPZ = paths.SDSS_CUTOUTS
 
 # Measured by measure_calibration(CALIBRATION_NPZ); tests/test_render.py checks they still agree.
 CALIBRATION = {

@@ -8,20 +8,18 @@ writes what an astronomer reads into ``out``.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from pathlib import Path
 
+from cai import paths
 from cai.errors import InputError
 from cai.partitions import MANIFEST, SUFFIX, write_partitions
 from cai.store import LocalStore
 
 log = logging.getLogger("cai")
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = REPO / "data" / "sdss_mgs" / "SDSS_MGS.test"
-DEFAULT_MODEL = REPO / "model" / "astromae-demo.safetensors"
+DEFAULT_DATA = paths.SDSS_MGS_TEST
+DEFAULT_MODEL = paths.DEMO_WEIGHTS
 BACKENDS = ("local", "emulated", "aws")
 
 

@@ -9,10 +9,9 @@ import pytest
 from cai import metrics, pipeline
 from cai.backends import local
 from cai.model.engine import Engine
-from cai.partitions import Galaxies, decode, encode, write_partitions
+from cai.partitions import write_partitions
+from cai.paths import SDSS_CUTOUTS as CUTOUTS
 from cai.store import LocalStore
-
-CUTOUTS = Path(__file__).resolve().parent.parent / "data" / "sdss_dr17_galaxies_32x32.npz"
 
 
 @pytest.fixture(scope="module")

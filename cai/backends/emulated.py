@@ -67,6 +67,7 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
+from cai import paths
 from cai.errors import CaiError
 
 MOTO_VERSION = "5.2.1"
@@ -97,7 +98,7 @@ from moto.stepfunctions.parser.models import stepfunctions_parser_backends  # no
 
 LOG = logging.getLogger(__name__)
 
-DEFAULT_ASL_PATH = Path(__file__).resolve().parents[2] / "statemachine" / "cai.asl.json"
+DEFAULT_ASL_PATH = paths.STATE_MACHINE
 DEFAULT_REGION = "us-east-1"
 
 # Step Functions rejects a state input/output over 256 KiB (States.DataLimitExceeded).
@@ -677,7 +678,7 @@ def real_handlers() -> dict[str, Handler]:
     import sys
 
     modules = {"initialize": "initialize", "cosmicExecutor": "cosmic_executor", "summarize": "summarize"}
-    folder = Path(__file__).resolve().parents[2] / "handlers"
+    folder = paths.HANDLERS
     found = {}
     for function_name, module in modules.items():
         try:

@@ -8,7 +8,6 @@ matmul rate in that same process, on the same thread count, as the roofline.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -19,11 +18,9 @@ from pathlib import Path
 
 from cai.commands import bench_subparsers
 from cai.errors import CaiError, InputError, WeightsError
+from cai.paths import DEMO_WEIGHTS, REPO, SDSS_CUTOUTS as CUTOUTS
 
 GFLOP_PER_GALAXY = 0.219  # the AstroMAE paper's count for one forward pass
-DEMO_WEIGHTS = Path("model") / "astromae-demo.safetensors"
-CUTOUTS = Path("data") / "sdss_dr17_galaxies_32x32.npz"
-_REPO = Path(__file__).resolve().parents[2]
 _WORKER_FLAG = "--bench-worker"
 
 
@@ -85,9 +82,8 @@ def run_export(args) -> int:
 
 
 def _default_weights() -> tuple[Path, str]:
-    for candidate in (DEMO_WEIGHTS, _REPO / DEMO_WEIGHTS):
-        if candidate.is_file():
-            return candidate, f"demo weights {candidate}"
+    if DEMO_WEIGHTS.is_file():
+        return DEMO_WEIGHTS, f"demo weights {DEMO_WEIGHTS}"
     import torch
 
     from cai.model.astromae import AstroMAE
@@ -103,9 +99,9 @@ def _default_weights() -> tuple[Path, str]:
 
 
 def _cutouts_path(given) -> Path:
-    for candidate in ([given] if given else [CUTOUTS, _REPO / CUTOUTS]):
-        if candidate.is_file():
-            return candidate
+    candidate = given or CUTOUTS
+    if candidate.is_file():
+        return candidate
     raise InputError(f"no cutouts file at {given or CUTOUTS}",
                      "pass --data PATH to a .npz with images and aperture_mag")
 
@@ -158,7 +154,7 @@ def _spawn_worker(job: dict) -> dict:
     env = dict(os.environ)
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env[name] = str(job["threads"])  # the roofline matmul must use the engine's thread count
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_REPO), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     proc = subprocess.run([sys.executable, "-m", "cai.commands.model_tools", _WORKER_FLAG, json.dumps(job)],
                           capture_output=True, text=True, env=env)
     if proc.returncode != 0:
