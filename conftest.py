@@ -5,8 +5,20 @@ failures); the demo weights' accuracy is checked by their own tests.
 """
 
 import os
+import subprocess
+import sys
 
 import pytest
+
+
+@pytest.fixture
+def without_torch():
+    """``run(code, **env)``: Python code in a fresh interpreter where ``import torch`` fails, as on a Lambda."""
+    def run(code: str, **env):
+        # torch set to None in sys.modules makes any `import torch` raise ImportError
+        subprocess.run([sys.executable, "-c", "import sys; sys.modules['torch'] = None\n" + code],
+                       check=True, env={**os.environ, **env})
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,6 @@
 """The emulated backend: the real state machine on moto with the real handlers, against the local backend."""
 
 import json
-import threading
 
 import numpy as np
 import pytest

@@ -3,7 +3,6 @@
 import io
 import os
 import pickle
-import subprocess
 import sys
 import types
 import warnings
@@ -198,16 +197,14 @@ def test_tensor_dataset_partition_reads_as_arrays(tmp_path):
         tensor_dataset_arrays({"a": 1})
 
 
-def test_partitions_read_without_torch(tmp_path):
+def test_partitions_read_without_torch(tmp_path, without_torch):
     from torch.utils.data import TensorDataset
 
     torch.save(TensorDataset(torch.ones(3, 5, 32, 32), torch.zeros(3, 5, dtype=torch.float64)), tmp_path / "1.pt")
-    # torch set to None in sys.modules makes any `import torch` fail, as on a Lambda without it
-    code = ("import sys; sys.modules['torch'] = None\n"
-            "from cai.model.pickle_safe import load_pt, tensor_dataset_arrays\n"
-            f"images, mags = tensor_dataset_arrays(load_pt({str(tmp_path / '1.pt')!r}))\n"
-            "assert images.shape == (3, 5, 32, 32) and images.sum() == 3 * 5 * 32 * 32 and mags.dtype == 'float64'\n")
-    subprocess.run([sys.executable, "-c", code], check=True)
+    without_torch("from cai.model.pickle_safe import load_pt, tensor_dataset_arrays\n"
+                  f"images, mags = tensor_dataset_arrays(load_pt({str(tmp_path / '1.pt')!r}))\n"
+                  "assert images.shape == (3, 5, 32, 32) and images.sum() == 3 * 5 * 32 * 32 "
+                  "and mags.dtype == 'float64'\n")
 
 
 def test_views_strides_and_dtypes_come_back_exactly(tmp_path):

@@ -1,9 +1,6 @@
 """The inference engine on both runtimes: parity, the ONNX export, input checks and the NaN policy."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -190,11 +187,9 @@ def test_runtime_and_file_kind_mismatches(onnx_model, random_weights):
         Engine.load(onnx_model, threads=0)
 
 
-def test_onnxruntime_engine_runs_without_torch(onnx_model, random_weights, tmp_path):
-    # torch set to None in sys.modules makes any `import torch` fail, as on a Lambda without it
-    code = f"""
-import sys, numpy as np
-sys.modules['torch'] = None
+def test_onnxruntime_engine_runs_without_torch(onnx_model, random_weights, tmp_path, without_torch):
+    without_torch(f"""
+import numpy as np
 from cai.errors import WeightsError
 from cai.model.engine import Engine
 engine = Engine.load({str(onnx_model)!r})
@@ -206,9 +201,7 @@ except WeightsError as exc:
     assert "torch is not installed" in str(exc) and ".onnx" in str(exc), exc
 else:
     raise SystemExit("expected a WeightsError")
-"""
-    env = dict(os.environ, CAI_CACHE_DIR=str(tmp_path / "empty-cache"))
-    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+""", CAI_CACHE_DIR=str(tmp_path / "empty-cache"))
 
 
 def test_bench_engine_cli_smoke(onnx_model, tmp_path, capsys):
