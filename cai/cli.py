@@ -19,13 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in MODULES:
-        try:
-            module = importlib.import_module(f"cai.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"cai.commands.{name}":
-                raise
-            continue  # NOTE: a command module not written yet; the others still work
-        module.register(subparsers)
+        importlib.import_module(f"cai.commands.{name}").register(subparsers)
     return parser
 
 
