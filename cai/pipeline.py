@@ -64,7 +64,14 @@ def _log(level, event, **fields):
 
 
 def peak_memory_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+    """This process's resident-memory high-water mark, in MiB."""
+    # NOTE: VmHWM, not ru_maxrss, which survives exec on Linux: a pool worker or a child spawned
+    # from a big process would report that process's peak as its own
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024.0
+    except (OSError, StopIteration, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
 def process_age_s() -> float | None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -181,19 +180,6 @@ def _print_table(runs, roofline, threads, galaxies):
     print("peak RSS is the process high-water mark, so it can only grow down each runtime's rows")
 
 
-def _peak_rss_mb() -> float:
-    """This process's resident-memory high-water mark, in MB."""
-    # NOTE: ru_maxrss survives exec on Linux, so a child forked from a big parent
-    # inherits the parent's peak; VmHWM belongs to the child's own address space.
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
 def _matmul_gflops(runtime: str, threads: int) -> float:
     """Best float32 matmul rate of numpy (and torch, in the torch process) on ``threads`` threads."""
     import numpy as np
@@ -226,6 +212,7 @@ def _bench_worker(job: dict) -> dict:
     import numpy as np
 
     from cai.model.engine import Engine
+    from cai.pipeline import peak_memory_mb
 
     with np.load(job["data"]) as npz:
         images, mags = npz["images"], npz["aperture_mag"]
@@ -237,7 +224,7 @@ def _bench_worker(job: dict) -> dict:
     started = time.perf_counter()
     engine = Engine.load(job["model"], runtime=job["runtime"], threads=job["threads"])
     load_s = time.perf_counter() - started
-    rss_after_load = _peak_rss_mb()
+    rss_after_load = peak_memory_mb()
 
     rows = []
     for batch in job["batch_sizes"]:
@@ -247,7 +234,7 @@ def _bench_worker(job: dict) -> dict:
         engine.predict(images, mags, batch_size=batch)
         elapsed = time.perf_counter() - started
         rows.append({"batch_size": batch, "seconds": elapsed, "galaxies_per_s": len(images) / elapsed,
-                     "peak_rss_mb": _peak_rss_mb()})
+                     "peak_rss_mb": peak_memory_mb()})
     # last, so its 48 MB of matrices stay out of the engine's memory figures
     roofline = _matmul_gflops(job["runtime"], job["threads"])
     return {"runtime": job["runtime"], "threads": job["threads"], "roofline_gflops": roofline,
